@@ -27,10 +27,14 @@ if TYPE_CHECKING:
     from harness.registry import ModelSpec
 
 #: Bumped when training changes what a recipe produces (tokenisation, masking, saving).
-TUNE_VERSION = 1
+TUNE_VERSION = 2
 #: Written into a finished build; its presence means "built".
 TUNED_MARKER = "harness-tuned.json"
 METHODS = ("full", "lora")
+#: How a pair longer than max_seq_length is shortened: "boundary" ends the response at its last
+#: paragraph or sentence end that fits and keeps EOS (the model still learns to stop); "cut"
+#: drops the tail and its EOS.
+TRUNCATIONS = ("boundary", "cut")
 SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
 TRAIN_DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -76,6 +80,7 @@ class TuneSpec:
     batch_size: int = 4
     grad_accum: int = 1
     max_seq_length: int = 256
+    truncation: str = "boundary"
     seed: int = 0
     dtype: str = "float32"
     save_steps: int = 20
@@ -109,10 +114,11 @@ _INTS = {"lora_r": 1, "max_steps": 0, "batch_size": 1, "grad_accum": 1, "max_seq
          "seed": None, "save_steps": 1}
 _NUMBERS = ("lora_alpha", "lora_dropout", "learning_rate", "warmup_ratio", "weight_decay",
             "epochs")
-_CHOICES = {"method": METHODS, "schedule": SCHEDULES, "dtype": TRAIN_DTYPES}
+_CHOICES = {"method": METHODS, "schedule": SCHEDULES, "dtype": TRAIN_DTYPES,
+            "truncation": TRUNCATIONS}
 #: Settings a [tune.gpu] table may override (device-dependent: precision, batch shape, ...).
 GPU_KEYS = tuple(sorted((set(_INTS) | set(_NUMBERS) | set(_CHOICES) | {"target_modules"})
-                        - {"seed"}))
+                        - {"seed", "truncation"}))
 _DATA_KEYS = {"lima": ("kind", "n", "seed"), "lima_responses": ("kind", "n", "seed"),
               "poetry": ("kind", "n", "seed"),
               "jsonl": ("kind", "n", "seed", "path", "instruction_field", "response_field")}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import signal
 import sys
@@ -70,13 +71,36 @@ def eos_id(model: Any, tokenizer: Any) -> int:
     return tokenizer.eos_token_id if tokenizer.eos_token_id in ids else ids[0]
 
 
+#: Where a shortened response may end, best first: a paragraph, a sentence, a line.
+_BOUNDARIES = (re.compile(r"\n\s*\n"), re.compile(r"[.!?][\"')\]]?(?=\s)"), re.compile(r"\n"))
+
+
+def shorten_response(tokenizer: Any, response: str, budget: int) -> list[int] | None:
+    """The response cut at its last paragraph, sentence or line end within `budget` tokens
+    (token ids, without EOS), or None when no such end lies in the budget's second half."""
+    prefix = tokenizer.decode(tokenizer(response, add_special_tokens=False)["input_ids"][:budget])
+    for pattern in _BOUNDARIES:
+        ends = [m.end() if pattern.pattern.startswith("[") else m.start()
+                for m in pattern.finditer(prefix)]
+        for end in reversed(ends):
+            ids = tokenizer(prefix[:end].rstrip(), add_special_tokens=False)["input_ids"]
+            if len(ids) <= budget:
+                if len(ids) >= budget // 2:
+                    return ids
+                break
+    return None
+
+
 def encode_pairs(spec: ModelSpec, tokenizer: Any, pairs: Sequence[Pair], max_len: int,
-                 eos: int) -> tuple[list[dict[str, Any]], dict[str, int]]:
+                 eos: int, truncation: str = "boundary"
+                 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Each pair as {"input_ids", "prompt_len"}: the prompt exactly as the variant is prompted
     at evaluation (format_prompt, encoded as generation encodes it), then the response and EOS.
 
-    A sequence longer than max_len keeps its prompt and loses the end of its response (and so
-    its EOS); a pair whose prompt alone leaves no room for 8 response tokens is skipped.
+    A sequence longer than max_len keeps its prompt; with truncation "boundary" its response
+    ends at the last paragraph or sentence end that fits and keeps its EOS (falling back to a
+    plain cut with EOS), with "cut" it loses its tail and its EOS. A pair whose prompt alone
+    leaves no room for 8 response tokens is skipped.
     """
     from harness.generation import encode_prompt, format_prompt
 
@@ -90,7 +114,12 @@ def encode_pairs(spec: ModelSpec, tokenizer: Any, pairs: Sequence[Pair], max_len
         ids = prompt_ids + response_ids
         if len(ids) > max_len:
             truncated += 1
-            ids = ids[:max_len]
+            budget = max_len - len(prompt_ids) - 1
+            if truncation == "cut":
+                ids = ids[:max_len]
+            else:
+                short = shorten_response(tokenizer, response, budget)
+                ids = prompt_ids + (short if short is not None else response_ids[:budget]) + [eos]
         out.append({"input_ids": ids, "prompt_len": len(prompt_ids)})
     if not out:
         raise ConfigError(f"{spec.name}: no training pair fits max_seq_length = {max_len}")
@@ -270,7 +299,7 @@ def tune_variant(spec: ModelSpec, device: str = "auto", callbacks: Sequence[Any]
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     examples, stats = encode_pairs(spec, tokenizer, pairs, recipe.max_seq_length,
-                                   eos_id(model, tokenizer))
+                                   eos_id(model, tokenizer), recipe.truncation)
     if recipe.method == "lora":
         set_seed(recipe.seed)  # LoRA's initial A matrices are random: seeded like training
         model = _with_lora(model, recipe)

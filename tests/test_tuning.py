@@ -126,6 +126,27 @@ def test_collator_masks_prompt_and_padding_and_keeps_the_response(tuned):
         assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (width - n)
 
 
+def test_a_shortened_response_ends_at_a_sentence_and_keeps_its_eos(tuned):
+    """A long response cut to fit still teaches the model to stop: it ends where a sentence
+    ends and then EOS; "cut" drops the tail and the EOS."""
+    from transformers import AutoTokenizer
+
+    from harness.tuning import encode_pairs
+
+    spec = _spec(tuned["registry"]())
+    tok = AutoTokenizer.from_pretrained(spec.path)
+    long = " ".join(f"Sentence number {i} says something plain." for i in range(60))
+    pair = [("Say many things.", long)]
+    (ex,), stats = encode_pairs(spec, tok, pair, max_len=120, eos=tok.eos_token_id)
+    assert stats["truncated"] == 1 and len(ex["input_ids"]) <= 120
+    assert ex["input_ids"][-1] == tok.eos_token_id
+    text = tok.decode(ex["input_ids"][ex["prompt_len"]:-1])
+    assert text.endswith("plain.") and long.startswith(text)
+    (cut,), _ = encode_pairs(spec, tok, pair, max_len=120, eos=tok.eos_token_id,
+                             truncation="cut")
+    assert len(cut["input_ids"]) == 120 and cut["input_ids"][-1] != tok.eos_token_id
+
+
 def _response_loss(model_dir: str, spec) -> float:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
