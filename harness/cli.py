@@ -37,12 +37,44 @@ def _fmt(value: Any, spec: str = ".1f") -> str:
     return "–" if value is None else format(value, spec)
 
 
+def _pct(value: Any, spec: str = ".0f") -> str:
+    return "–" if value is None else format(100 * value, spec) + "%"
+
+
+def headline(r: dict[str, Any]) -> str:
+    """One line of a non-head-to-head task's result for one variant."""
+    kind = r.get("kind")
+    if kind == "length":
+        text = (f"hit the cap {_pct(r.get('cap_share'))} (EOS {_pct(r.get('eos_share'))}); "
+                f"tokens median {_fmt(r.get('median_tokens'), '.0f')}, mean "
+                f"{_fmt(r.get('mean_tokens'))}; words mean {_fmt(r.get('mean_words'))}")
+        if r.get("win_rate") is not None:
+            text += (f"; win {_fmt(r.get('win_rate'))}, length~win rho "
+                     f"{_fmt(r.get('length_win_spearman'), '+.2f')}")
+        return text
+    if kind == "style_adherence":
+        return (f"poems: nearest bin {_pct(r.get('poem_share_nearest_bin'))}, farthest "
+                f"{_pct(r.get('poem_share_farthest_bin'))}; adherence slope "
+                f"{_fmt(r.get('adherence_slope'), '+.3f')} "
+                f"[{_fmt(r.get('adherence_slope_ci_low'), '+.3f')}, "
+                f"{_fmt(r.get('adherence_slope_ci_high'), '+.3f')}]")
+    if kind == "ranking":
+        return (f"accuracy {_pct(r.get('accuracy'), '.1f')} "
+                f"[{_pct(r.get('ci_low'), '.1f')}, {_pct(r.get('ci_high'), '.1f')}], chance "
+                f"{_pct(r.get('chance'), '.1f')} (k={r.get('k')})")
+    return ""
+
+
 def format_table(summary: list[dict]) -> str:
-    """The short table printed after a run; undefined values print as "–"."""
-    header = f"{'task':<16} {'variant':<34} {'n':>4} {'win rate':>15} {'LC':>6} " \
-             f"{'tokens':>7} {'EOS%':>5}"
-    lines = [header, "-" * len(header)]
-    for r in summary:
+    """The short tables printed after a run: head-to-head rows, then one line per other task
+    and variant; undefined values print as "–"."""
+    h2h = [r for r in summary if r.get("kind", "head_to_head") == "head_to_head"]
+    lines = []
+    if h2h:
+        header = f"{'task':<16} {'variant':<34} {'n':>4} {'win rate':>15} {'LC':>6} " \
+                 f"{'tokens':>7} {'EOS%':>5}"
+        lines += [header, "-" * len(header)]
+    for r in h2h:
         if r["role"] == "reference":
             wr, lc = "reference", ""
         else:
@@ -51,6 +83,14 @@ def format_table(summary: list[dict]) -> str:
         eos = None if r.get("eos_share") is None else 100 * r["eos_share"]
         lines.append(f"{r['task']:<16} {r['model']:<34} {r['n']:>4} {wr:>15} {lc:>6} "
                      f"{_fmt(r.get('mean_tokens')):>7} {_fmt(eos, '.0f'):>5}")
+    task = None
+    for r in summary:
+        if r.get("kind", "head_to_head") == "head_to_head":
+            continue
+        if r["task"] != task:
+            task = r["task"]
+            lines += ["", f"{task} ({r['kind']}, n = {r.get('n')})"]
+        lines.append(f"  {r['model']:<34} {headline(r)}")
     return "\n".join(lines)
 
 
@@ -69,8 +109,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                        registry_path=Path(args.registry) if args.registry else None)
     result = run(config)
     print(f"report: {result.report_path}")
-    print(f"generated {result.n_generated}, judged {result.n_judged}, "
-          f"{result.seconds:.1f} s")
+    print(f"generated {result.n_generated}, judged {result.n_judged}, scored "
+          f"{result.n_scored}, {result.seconds:.1f} s")
     print(format_table(result.summary))
     return 0
 
@@ -272,9 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="generate, judge, summarise and report")
     p.add_argument("--models", default="all", help="'all' or a comma-separated list of variants")
-    p.add_argument("--tasks", default="instructions", help="comma-separated task names")
+    p.add_argument("--tasks", default="instructions",
+                   help="comma-separated task names, or 'all' (python -m harness list)")
     p.add_argument("--judge", default=DEFAULT_JUDGE, help="judge name (judges/<name>.toml) or path")
-    p.add_argument("--limit", type=_positive_int, help="first N instructions of each task")
+    p.add_argument("--limit", type=_positive_int,
+                   help="first N instructions of each task's each source (N pairs for ranking)")
     p.add_argument("--max-new-tokens", type=_positive_int, help="override every variant's cap")
     p.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE)
     p.add_argument("--results-dir", help="where runs go (default: results/ in the project)")

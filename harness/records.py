@@ -20,6 +20,8 @@ from harness.hashing import content_hash
 from harness.judging.protocol import JudgeSpec, PairwiseItem
 
 FINISH_REASONS = ("eos", "length")
+#: Bumped when the log-likelihood computation (harness.lm_eval_model) changes its numbers.
+SCORING_VERSION = 1
 
 
 def generation_key(model_identity: dict[str, Any], prompt: str) -> str:
@@ -35,6 +37,15 @@ def judgment_key(judge_spec: JudgeSpec, item: PairwiseItem) -> str:
     judge = {k: v for k, v in judge_spec.as_dict().items() if k != "name"}  # a label
     return content_hash({"judge": judge, "instruction": item.instruction,
                          "output_1": seen(item.output_1), "output_2": seen(item.output_2)}, 32)
+
+
+def score_key(model_identity: dict[str, Any], backend: str, context: str,
+              continuation: str) -> str:
+    """Log-likelihood cache key: the model's identity without its decoding (a likelihood does
+    not depend on how one would decode), the backend, and the exact texts."""
+    model = {k: v for k, v in model_identity.items() if k != "decoding"}
+    return content_hash({"model": model, "backend": backend, "version": SCORING_VERSION,
+                         "context": context, "continuation": continuation}, 32)
 
 
 @dataclass(frozen=True)
@@ -92,7 +103,25 @@ class JudgmentRecord:
                                    generator_1=generator_1, generator_2=generator_2)
 
 
-Record = GenerationRecord | JudgmentRecord
+@dataclass(frozen=True)
+class ScoreRecord:
+    """The log-likelihood of one continuation given one context, under one variant.
+
+    instruction_id is "<item id>#<candidate index>" for the ranking task.
+    """
+
+    key: str
+    task: str
+    model: str
+    instruction_id: str
+    logprob: float
+    n_tokens: int
+    is_greedy: bool
+    backend: str = "harness"
+    created: str = ""
+
+
+Record = GenerationRecord | JudgmentRecord | ScoreRecord
 
 
 class RecordError(ValueError):

@@ -121,7 +121,7 @@ def rows_from_run(run_dir: Path) -> tuple[list[Row], dict[str, Any]]:
     judgments, prompts = _judgments(run_dir), _prompts(run_dir)
     rows = []
     for r in summary_rows:
-        if r.get("role") == "reference":
+        if r.get("role") == "reference" or r.get("kind", "head_to_head") != "head_to_head":
             continue
         where = (r["task"], r["model"])
         outcomes = {i: j.preference for i, j in sorted(judgments.get(where, {}).items())}
@@ -130,7 +130,8 @@ def rows_from_run(run_dir: Path) -> tuple[list[Row], dict[str, Any]]:
             standard_error=r.get("standard_error"),
             length_controlled_winrate=r.get("length_controlled_winrate"), outcomes=outcomes,
             hashes={"output_identity": content_hash(identities.get(r["model"])),
-                    "reference_identity": content_hash(identities.get(reference)),
+                    "reference_identity": r.get("reference_outputs_hash") or content_hash(
+                        identities.get(r.get("reference") or reference)),
                     "prompts": content_hash(sorted(prompts.get(where, []))),
                     "judge": judge_hash}))
     return rows, {"run_id": meta.get("run_id"), "judge": meta.get("judge"),

@@ -22,10 +22,18 @@ from harness.generation import DEFAULT_BATCH_SIZE
 from harness.hashing import canonical_json, content_hash
 from harness.judging.protocol import Candidate, Judge, PairwiseItem
 from harness.judging.registry import get_judge
-from harness.records import GenerationRecord, JudgmentRecord, generation_key, judgment_key
+from harness.records import (
+    GenerationRecord,
+    JudgmentRecord,
+    ScoreRecord,
+    generation_key,
+    judgment_key,
+    score_key,
+)
 from harness.registry import ModelSpec, load_registry, reference_of, select_models
 from harness.store import RunLock, Store, os_error
-from harness.tasks import Task, load_task
+from harness.tasks import GENERATING, STORED, Task, available_tasks, load_task
+from harness.tune_config import is_built, require_build
 
 #: The default judge: heuristic features calibrated against GPT-4-turbo's AlpacaEval judgments
 #: (90% held-out agreement; no API). `heuristic` is the simpler cascade.
@@ -65,6 +73,7 @@ class RunResult:
     n_generated: int = 0
     n_judged: int = 0
     seconds: float = 0.0
+    n_scored: int = 0
 
 
 def _bar(total: int, desc: str) -> tqdm:
@@ -73,36 +82,79 @@ def _bar(total: int, desc: str) -> tqdm:
                            "[{elapsed}<{remaining}, {rate_fmt}]")
 
 
+def _override_cap(spec: ModelSpec, max_new_tokens: int | None) -> ModelSpec:
+    if max_new_tokens is None:
+        return spec
+    return dataclasses.replace(spec, decoding=dataclasses.replace(
+        spec.decoding, max_new_tokens=max_new_tokens))
+
+
+def task_names(selection: Sequence[str]) -> list[str]:
+    """The requested task names, with `all` expanded to every registered task."""
+    if list(selection) == ["all"]:
+        return available_tasks()
+    if "all" in selection:
+        raise ConfigError("--tasks all cannot be combined with other task names")
+    return list(selection)
+
+
 def resolve(config: RunConfig) -> tuple[list[ModelSpec], ModelSpec, list[Task], Judge]:
-    """Turn the request into specs, tasks and a judge; the reference is always included."""
+    """Turn the request into specs, tasks and a judge; every reference variant is included.
+
+    Under `--tasks all`, a task whose reference is a tuned variant not yet built is skipped
+    with a note; named explicitly, it is one line naming the `tune` command.
+    """
     registry = load_registry(config.registry_path)
-    specs = select_models(registry, config.models)
-    reference = reference_of(registry)
+    if config.max_new_tokens is not None and config.max_new_tokens < 1:
+        raise ConfigError("--max-new-tokens must be positive")
+    specs = [_override_cap(s, config.max_new_tokens)
+             for s in select_models(registry, config.models)]
+    reference = _override_cap(reference_of(registry), config.max_new_tokens)
     if reference.name not in {s.name for s in specs}:
         specs.insert(0, reference)
-    if config.max_new_tokens is not None:
-        if config.max_new_tokens < 1:
-            raise ConfigError("--max-new-tokens must be positive")
-        specs = [dataclasses.replace(s, decoding=dataclasses.replace(
-            s.decoding, max_new_tokens=config.max_new_tokens)) for s in specs]
-        reference = next(s for s in specs if s.name == reference.name)
     if config.limit is not None and config.limit < 1:
         raise ConfigError("--limit must be positive")
     if config.batch_size < 1:
         raise ConfigError("--batch-size must be positive")
     if not config.tasks:
         raise ConfigError("--tasks is empty; give a comma-separated list of task names")
+    every = list(config.tasks) == ["all"]
     tasks: list[Task] = []
-    for name in config.tasks:
-        task = load_task(name)
+    for name in task_names(config.tasks):
+        task = load_task(name, config.limit)
         clash = next((t for t in tasks if t.name == task.name), None)
         if clash is not None:
             raise ConfigError(f"two tasks are named '{task.name}' ({clash.source} and "
                               f"{task.source}); give each task a unique name")
-        if config.limit is not None:
-            task = dataclasses.replace(task, instructions=task.instructions[:config.limit])
+        if task.reference not in (None, STORED):
+            if task.reference not in registry:
+                from harness.errors import unknown_name
+
+                raise unknown_name("model", task.reference, list(registry),
+                                   f" (the reference of task '{task.name}')")
+            ref = registry[task.reference]
+            if ref.tune is not None and not is_built(ref):
+                if every:
+                    print(f"task {task.name}: skipped, its reference {ref.name} is not built "
+                          f"(python -m harness tune {ref.name})", file=sys.stderr)
+                    continue
+                require_build(ref)
+            if ref.name not in {s.name for s in specs}:
+                specs.append(_override_cap(ref, config.max_new_tokens))
         tasks.append(task)
     return specs, reference, tasks, get_judge(config.judge)
+
+
+def task_reference(task: Task, reference: ModelSpec) -> str | None:
+    """The variant a task compares against, or None when it compares against stored outputs."""
+    if task.reference == STORED:
+        return None
+    return task.reference or reference.name
+
+
+def reference_name(task: Task, reference: ModelSpec) -> str:
+    """What the task's reference is called in tables: a variant, or the stored outputs' name."""
+    return task_reference(task, reference) or task.reference_label
 
 
 def model_identities(specs: Sequence[ModelSpec], tokenizers: dict[str, Any]
@@ -200,6 +252,8 @@ def generate_all(specs: Sequence[ModelSpec], tasks: Sequence[Task], store: Store
         tokenizer = tokenizers[spec.name]
         wanted = []
         for task in tasks:
+            if task.kind not in GENERATING:
+                continue
             for ins in task.instructions:
                 prompt = format_prompt(spec, tokenizer, ins.instruction)
                 labels = {"task": task.name, "model": spec.name, "instruction_id": ins.id,
@@ -236,21 +290,31 @@ def generate_all(specs: Sequence[ModelSpec], tasks: Sequence[Task], store: Store
 def judge_all(specs: Sequence[ModelSpec], reference: ModelSpec, tasks: Sequence[Task],
               generations: dict[Where, GenerationRecord], judge: Judge,
               store: Store) -> tuple[dict[Where, JudgmentRecord], int]:
-    """Judge every variant's response against the reference's; returns judgments and count made."""
+    """Judge every variant's response against its task's reference (a variant's response or a
+    stored output); returns judgments and the count made."""
     wanted = []
     for task in tasks:
+        if not task.judged:
+            continue
+        ref_variant = task_reference(task, reference)
+        ref_name = reference_name(task, reference)
         for spec in specs:
-            if spec.name == reference.name:
+            if spec.name == ref_variant:
                 continue
             for ins in task.instructions:
-                ref = generations[(task.name, reference.name, ins.id)]
+                if ref_variant is None:
+                    assert ins.reference is not None
+                    ref_output, ref_finish = ins.reference, "eos"
+                else:
+                    ref = generations[(task.name, ref_variant, ins.id)]
+                    ref_output, ref_finish = ref.output, ref.finish_reason
                 gen = generations[(task.name, spec.name, ins.id)]
                 item = PairwiseItem(
                     instruction=ins.instruction, instruction_id=ins.id,
-                    output_1=Candidate(ref.output, reference.name, ref.finish_reason),
+                    output_1=Candidate(ref_output, ref_name, ref_finish),
                     output_2=Candidate(gen.output, spec.name, gen.finish_reason))
                 labels = {"task": task.name, "model": spec.name, "instruction_id": ins.id,
-                          "generator_1": reference.name, "generator_2": spec.name}
+                          "generator_1": ref_name, "generator_2": spec.name}
                 wanted.append(Wanted((task.name, spec.name, ins.id),
                                      judgment_key(judge.spec, item), labels, item))
     spec_hash = content_hash(judge.spec.as_dict())
@@ -261,55 +325,268 @@ def judge_all(specs: Sequence[ModelSpec], reference: ModelSpec, tasks: Sequence[
                                     judge_spec_hash=spec_hash, preference=j.preference,
                                     raw=j.raw, info=j.info, created=_now())
 
+    if not wanted:
+        return {}, 0
     return fill(store, wanted, compute, f"judge ({judge.spec.name})")
 
 
-def summarise(specs: Sequence[ModelSpec], reference: ModelSpec, tasks: Sequence[Task],
-              generations: dict[Where, GenerationRecord],
-              judgments: dict[Where, JudgmentRecord]) -> list[dict[str, Any]]:
-    """One row per (task, variant): win rate ± SE, bootstrap CI, LC win rate, lengths, EOS share.
+def tuning_pairs(specs: Sequence[ModelSpec]) -> set[tuple[str, str]]:
+    """Every training pair of the tuned variants in the run (ranking never tests on them)."""
+    from harness.tune_data import load_pairs
+
+    out: set[tuple[str, str]] = set()
+    for spec in specs:
+        if spec.tune is not None:
+            out.update(load_pairs(spec.tune.data))
+    return out
+
+
+#: Log-likelihood requests sent to the model per batch between stores (resume granularity).
+SCORE_CHUNK = 16
+
+
+def score_all(specs: Sequence[ModelSpec], tasks: Sequence[Task], store: Store,
+              batch_size: int, tokenizers: dict[str, Any],
+              identities: dict[str, dict[str, Any]]
+              ) -> tuple[dict[str, dict[str, Any]], int]:
+    """Ranking tasks: each variant's mean per-token log-likelihood of every candidate response
+    (through lm-eval's model interface), cached per (model, context, continuation).
+
+    Returns {task: {"items": [...], "scores": {variant: [[mean logprob per candidate]]}}}.
+    """
+    from harness.generation import format_prompt
+
+    ranking = [t for t in tasks if t.kind == "ranking"]
+    if not ranking:
+        return {}, 0
+    from harness import ranking as rk
+
+    exclude = tuning_pairs(specs)
+    prepared = {}
+    for task in ranking:
+        opts = task.options.options
+        prepared[task.name] = rk.build_items(rk.load_pool(opts), opts.n, opts.k, opts.seed,
+                                             exclude=exclude if opts.exclude_tuning else set())
+    out: dict[str, dict[str, Any]] = {t.name: {"items": prepared[t.name], "scores": {}}
+                                      for t in ranking}
+    made = 0
+    for spec in specs:
+        tokenizer = tokenizers[spec.name]
+        wanted = []
+        for task in ranking:
+            items = prepared[task.name]
+            requests = rk.score_requests(items, lambda ins, s=spec, t=tokenizer:
+                                         format_prompt(s, t, ins))
+            for (item, cand), (context, continuation) in zip(
+                    ((i, c) for i in items for c in range(len(i.candidates))), requests,
+                    strict=True):
+                labels = {"task": task.name, "model": spec.name,
+                          "instruction_id": f"{item.id}#{cand}"}
+                wanted.append(Wanted((task.name, spec.name, labels["instruction_id"]),
+                                     score_key(identities[spec.name], "harness", context,
+                                               continuation),
+                                     labels, (context, continuation)))
+
+        def compute(todo: list[Wanted], spec: ModelSpec = spec) -> Iterator[tuple[int, Any]]:
+            from harness.generation import load_model
+            from harness.lm_eval_model import HarnessLM, loglikelihoods
+
+            lm = HarnessLM(load_model(spec, tokenizers[spec.name]), batch_size=batch_size)
+            for start in range(0, len(todo), SCORE_CHUNK):
+                chunk = todo[start:start + SCORE_CHUNK]
+                got = loglikelihoods(lm, [w.payload for w in chunk])
+                for j, ((logprob, greedy), w) in enumerate(zip(got, chunk, strict=True)):
+                    n_tok = len(tokenizers[spec.name](w.payload[1],
+                                                      add_special_tokens=False)["input_ids"])
+                    yield start + j, ScoreRecord(key=w.key, **w.labels, logprob=float(logprob),
+                                                 n_tokens=n_tok, is_greedy=bool(greedy),
+                                                 created=_now())
+
+        got, n = fill(store, wanted, compute, f"score {spec.name}")
+        made += n
+        for task in ranking:
+            rows = []
+            for item in prepared[task.name]:
+                recs = [got[(task.name, spec.name, f"{item.id}#{c}")]
+                        for c in range(len(item.candidates))]
+                rows.append([r.logprob / max(r.n_tokens, 1) for r in recs])
+            out[task.name]["scores"][spec.name] = rows
+    return out, made
+
+
+def _clean(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()}
+
+
+def _win_rates(prefs: list[float | None]) -> dict[str, Any]:
+    """Win rate ± SE, counts and a bootstrap interval of one list of preferences."""
+    from harness.stats import bootstrap_ci, win_rate_summary
+
+    row = win_rate_summary(prefs)
+    try:
+        row["ci_low"], row["ci_high"] = bootstrap_ci(prefs, seed=0)
+    except DataError:  # no valid verdict at all
+        row["ci_low"] = row["ci_high"] = None
+    return row
+
+
+def _head_to_head(task: Task, specs: Sequence[ModelSpec], reference: ModelSpec,
+                  generations: dict[Where, GenerationRecord],
+                  judgments: dict[Where, JudgmentRecord]
+                  ) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """Rows per variant (win rate ± SE, bootstrap CI, LC win rate, lengths, EOS share) and
+    the by-category and by-source tables."""
+    import numpy as np
+    import pandas as pd
+
+    from harness.stats import length_controlled_win_rate
+
+    ref_variant = task_reference(task, reference)
+    rows, by_category, by_source = [], [], []
+    for spec in specs:
+        gens = [generations[(task.name, spec.name, i.id)] for i in task.instructions]
+        row: dict[str, Any] = {
+            "task": task.name, "kind": task.kind, "model": spec.name,
+            "role": "reference" if spec.name == ref_variant else "variant",
+            "reference": reference_name(task, reference), "n": len(gens),
+            "mean_tokens": float(np.mean([g.n_tokens for g in gens])),
+            "mean_words": float(np.mean([len(g.output.split()) for g in gens])),
+            "eos_share": float(np.mean([g.finish_reason == "eos" for g in gens])),
+            "max_new_tokens": spec.decoding.max_new_tokens,
+        }
+        if spec.name != ref_variant:
+            prefs = [judgments[(task.name, spec.name, i.id)].preference
+                     for i in task.instructions]
+            row.update(_win_rates(prefs))
+            refs = [i.reference if ref_variant is None else
+                    generations[(task.name, ref_variant, i.id)].output
+                    for i in task.instructions]
+            if ref_variant is None:  # the regression gate sees a change of stored outputs
+                row["reference_outputs_hash"] = content_hash(refs)
+            frame = pd.DataFrame({"output_1": refs, "output_2": [g.output for g in gens],
+                                  "preference": prefs})
+            try:
+                row.update(length_controlled_win_rate(frame, None))
+                # Without instruction difficulty every prediction is equal: that SEM is 0 by
+                # construction, not a measured uncertainty, so it is not reported.
+                row["lc_standard_error"] = None
+            except DataError as e:  # too few valid pairs for the GLM's cross-validation
+                row.update(length_controlled_winrate=None, lc_standard_error=None,
+                           lc_note=f"no LC fit: {e}")
+            for field, out in (("category", by_category), ("source", by_source)):
+                groups: dict[str, list] = {}
+                for ins, p in zip(task.instructions, prefs, strict=True):
+                    groups.setdefault(getattr(ins, field) or "-", []).append(p)
+                for group, ps in sorted(groups.items()):
+                    wr = _win_rates(ps)
+                    out.append(_clean({"model": spec.name, field: group, "n": len(ps),
+                                       "win_rate": wr["win_rate"],
+                                       "standard_error": wr["standard_error"],
+                                       "ci_low": wr["ci_low"], "ci_high": wr["ci_high"]}))
+        rows.append(_clean(row))
+    tables = {"summary": rows, "by_category": by_category}
+    if len({i.source for i in task.instructions}) > 1:
+        tables["by_source"] = by_source
+    return rows, tables
+
+
+def _length(task: Task, specs: Sequence[ModelSpec], reference: ModelSpec,
+            generations: dict[Where, GenerationRecord], judgments: dict[Where, JudgmentRecord]
+            ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    from harness.length_analysis import Response, analyse
+
+    ref_variant = task_reference(task, reference)
+    responses = {}
+    for spec in specs:
+        rs = []
+        for ins in task.instructions:
+            g = generations[(task.name, spec.name, ins.id)]
+            j = judgments.get((task.name, spec.name, ins.id))
+            ref_tokens = None
+            if ref_variant is not None and j is not None:
+                ref_tokens = generations[(task.name, ref_variant, ins.id)].n_tokens
+            rs.append(Response(id=ins.id, tokens=g.n_tokens, words=len(g.output.split()),
+                               chars=len(g.output), finish_reason=g.finish_reason,
+                               preference=None if j is None else j.preference,
+                               reference_tokens=ref_tokens))
+        responses[spec.name] = rs
+    result = analyse(responses, {s.name: s.decoding.max_new_tokens for s in specs},
+                     task.options)
+    return result["headline"], result["tables"]
+
+
+def _style(task: Task, specs: Sequence[ModelSpec], generations: dict[Where, GenerationRecord]
+           ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    from harness import style_adherence
+    from harness.embeddings import get_embedder
+
+    settings = task.options
+    outputs = {s.name: [generations[(task.name, s.name, i.id)].output
+                        for i in task.instructions] for s in specs}
+    general = style_adherence.general_responses(seed=settings.options.seed)
+    result = style_adherence.analyse(task.instructions, outputs, settings.domain, general,
+                                     get_embedder(), settings.options)
+    return result["headline"], result["tables"]
+
+
+def analyse_tasks(specs: Sequence[ModelSpec], reference: ModelSpec, tasks: Sequence[Task],
+                  generations: dict[Where, GenerationRecord],
+                  judgments: dict[Where, JudgmentRecord], scores: dict[str, dict[str, Any]]
+                  ) -> tuple[list[dict[str, Any]], dict[str, dict[str, list[dict[str, Any]]]]]:
+    """One headline row per (task, variant), and each task's tables by name.
 
     A value that is undefined for the data (the SE of one sample, LC without enough pairs for
     its fit) is None, and prints as "–".
     """
-    import numpy as np
+    rows: list[dict[str, Any]] = []
+    tables: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for task in tasks:
+        if task.kind == "head_to_head":
+            task_rows, tables[task.name] = _head_to_head(task, specs, reference, generations,
+                                                         judgments)
+            rows.extend(task_rows)
+            continue
+        if task.kind == "length":
+            headline, tables[task.name] = _length(task, specs, reference, generations,
+                                                  judgments)
+        elif task.kind == "style_adherence":
+            headline, tables[task.name] = _style(task, specs, generations)
+        else:
+            from harness import ranking
+
+            got = scores[task.name]
+            result = ranking.analyse(got["items"], got["scores"], task.options.options)
+            headline, tables[task.name] = result["headline"], result["tables"]
+        ref_variant = task_reference(task, reference) if task.judged else None
+        for spec in specs:
+            rows.append(_clean({"task": task.name, "kind": task.kind, "model": spec.name,
+                                "role": "reference" if spec.name == ref_variant else "variant",
+                                **headline[spec.name]}))
+        tables[task.name] = {"summary": [r for r in rows if r["task"] == task.name],
+                             **tables[task.name]}
+    return rows, tables
+
+
+def write_tables(run_dir: Path, tables: dict[str, dict[str, list[dict[str, Any]]]]
+                 ) -> list[Path]:
+    """Each task's tables as run_dir/tables/<task>.<table>.json and .csv; returns the paths."""
     import pandas as pd
 
-    from harness.stats import bootstrap_ci, length_controlled_win_rate, win_rate_summary
-
-    rows = []
-    for task in tasks:
-        for spec in specs:
-            gens = [generations[(task.name, spec.name, i.id)] for i in task.instructions]
-            row: dict[str, Any] = {
-                "task": task.name, "model": spec.name, "role": spec.role,
-                "n": len(gens),
-                "mean_tokens": float(np.mean([g.n_tokens for g in gens])),
-                "mean_words": float(np.mean([len(g.output.split()) for g in gens])),
-                "eos_share": float(np.mean([g.finish_reason == "eos" for g in gens])),
-                "max_new_tokens": spec.decoding.max_new_tokens,
-            }
-            if spec.name != reference.name:
-                prefs = [judgments[(task.name, spec.name, i.id)].preference
-                         for i in task.instructions]
-                row.update(win_rate_summary(prefs))
-                low, high = bootstrap_ci(prefs, seed=0)
-                row.update(ci_low=low, ci_high=high)
-                frame = pd.DataFrame({
-                    "output_1": [generations[(task.name, reference.name, i.id)].output
-                                 for i in task.instructions],
-                    "output_2": [g.output for g in gens], "preference": prefs})
-                try:
-                    row.update(length_controlled_win_rate(frame, None))
-                    # Without instruction difficulty every prediction is equal: that SEM is 0 by
-                    # construction, not a measured uncertainty, so it is not reported.
-                    row["lc_standard_error"] = None
-                except DataError as e:  # too few valid pairs for the GLM's cross-validation
-                    row.update(length_controlled_winrate=None, lc_standard_error=None,
-                               lc_note=f"no LC fit: {e}")
-            rows.append({k: (None if isinstance(v, float) and v != v else v)
-                         for k, v in row.items()})
-    return rows
+    out_dir = run_dir / "tables"
+    try:
+        out_dir.mkdir(exist_ok=True)
+    except OSError as e:
+        raise os_error(e, out_dir, "create") from None
+    paths = []
+    for task, by_name in tables.items():
+        for name, table in by_name.items():
+            json_path, csv_path = (out_dir / f"{task}.{name}.{ext}" for ext in ("json", "csv"))
+            _write_text(json_path, json.dumps(table, indent=1) + "\n")
+            frame = pd.DataFrame([{k: (json.dumps(v) if isinstance(v, dict | list) else v)
+                                   for k, v in r.items()} for r in table])
+            _write_text(csv_path, frame.to_csv(index=False))
+            paths += [json_path, csv_path]
+    return paths
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -359,8 +636,7 @@ def run(config: RunConfig) -> RunResult:
         "harness_version": __version__,
         "models": [s.as_dict() for s in specs], "reference": reference.name,
         "output_identities": identities,
-        "tasks": [{"name": t.name, "kind": t.kind, "source": t.source,
-                   "n": len(t.instructions)} for t in tasks],
+        "tasks": [t.describe() for t in tasks],
         "judge": judge.spec.as_dict(), "limit": config.limit,
         "rules_token_resolution": rules_token_report(specs, tokenizers),
     }
@@ -377,13 +653,18 @@ def run(config: RunConfig) -> RunResult:
         generations, n_gen = generate_all(specs, tasks, gen_store, config.batch_size, tokenizers,
                                           identities)
         judgments, n_judged = judge_all(specs, reference, tasks, generations, judge, judge_store)
-        summary = summarise(specs, reference, tasks, generations, judgments)
+        score_store = Store(results_dir, run_dir, "scores", ScoreRecord)
+        scores, n_scored = score_all(specs, tasks, score_store, config.batch_size, tokenizers,
+                                     identities)
+        summary, tables = analyse_tasks(specs, reference, tasks, generations, judgments, scores)
+        write_tables(run_dir, tables)
         seconds = time.time() - start
         meta = {"run_id": run_id, "judge": judge.spec.name, "reference": reference.name,
-                "generated": n_gen, "judged": n_judged, "seconds": round(seconds, 1)}
+                "generated": n_gen, "judged": n_judged, "scored": n_scored,
+                "seconds": round(seconds, 1)}
         _write_text(run_dir / "summary.json", canonical_json({"meta": meta, "rows": summary})
                     + "\n")
         report = write_report(run_dir, resolved, meta, summary, tasks, specs, generations,
-                              judgments)
+                              judgments, tables)
     return RunResult(run_dir=run_dir, summary=summary, report_path=report, n_generated=n_gen,
-                     n_judged=n_judged, seconds=seconds)
+                     n_judged=n_judged, seconds=seconds, n_scored=n_scored)

@@ -1,34 +1,76 @@
-"""Task definitions: `tasks/<name>.toml` names an instruction set and how it is evaluated."""
+"""Task definitions: `tasks/<name>.toml` names an instruction set and how it is evaluated.
 
-import json
+Kinds (see tasks/README.md for every field):
+- head_to_head: each variant's response against the reference's, judged; the reference is the
+  registry's reference variant, another variant (`reference = "<name>"`), or the instruction
+  set's stored outputs (`reference = "outputs"`, AlpacaEval's own mode).
+- length: the response-length distribution, EOS versus the cap, and (judged head-to-head as
+  above) win rate by length.
+- style_adherence: out-of-domain style adherence against a domain (the study's Figure 5).
+- ranking: the true response against k others by mean per-token log-likelihood (Table 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from harness.cache import shared_data_dir
 from harness.configs import available, expect, load_named_toml
-from harness.errors import ConfigError, DataError
+from harness.errors import ConfigError, unknown_name
+from harness.hashing import content_hash
+from harness.instruction_sets import (
+    Instruction,
+    load_sources,
+    parse_sources,
+    reference_label,
+    resolve_path,
+    source_name,
+)
 
-KINDS = ("head_to_head",)
+KINDS = ("head_to_head", "length", "style_adherence", "ranking")
+#: Kinds whose variants answer the instructions (generations); ranking scores fixed texts.
+GENERATING = ("head_to_head", "length", "style_adherence")
+#: `reference = "outputs"`: judge against the instruction set's stored reference outputs.
+STORED = "outputs"
+_COMMON = ("name", "kind", "description", "instructions")
 
-
-@dataclass(frozen=True)
-class Instruction:
-    """One instruction of a task, with a stable id and a category."""
-
-    id: str
-    instruction: str
-    category: str = ""
+__all__ = ["GENERATING", "KINDS", "STORED", "Instruction", "Task", "available_tasks",
+           "load_task", "resolve_path"]
 
 
 @dataclass(frozen=True)
 class Task:
-    """A named instruction set and the kind of evaluation run on it."""
+    """A named instruction set and the kind of evaluation run on it.
+
+    reference: None (the registry's reference variant), a variant name, or STORED.
+    options: the kind's parsed settings (a frozen dataclass of the kind's module), or None.
+    """
 
     name: str
     kind: str
     instructions: tuple[Instruction, ...]
     description: str = ""
     source: str = ""
+    reference: str | None = None
+    reference_label: str = ""
+    options: Any = None
+
+    @property
+    def judged(self) -> bool:
+        """Whether the task needs head-to-head judgments."""
+        return self.kind == "head_to_head" or (self.kind == "length" and self.options.judge)
+
+    def describe(self) -> dict[str, Any]:
+        """What the run's resolved config records of this task."""
+        d: dict[str, Any] = {"name": self.name, "kind": self.kind, "source": self.source,
+                             "n": len(self.instructions)}
+        if self.reference is not None:
+            d["reference"] = self.reference
+        if self.options is not None:
+            d["options"] = self.options.as_dict()
+        return d
 
 
 def available_tasks() -> list[str]:
@@ -36,70 +78,103 @@ def available_tasks() -> list[str]:
     return available("tasks")
 
 
-def _resolve_path(raw: str, task_dir: Path) -> Path:
-    """A task's data path: absolute, `shared:` (the shared data folder), or beside the task."""
-    if raw.startswith("shared:"):
-        return shared_data_dir() / raw.removeprefix("shared:").lstrip("/")
-    path = Path(raw).expanduser()
-    return path if path.is_absolute() else task_dir / path
+def _kind_options(kind: str, table: dict[str, Any], where: str, base: Path) -> Any:
+    """Parse the kind's own fields (everything but the common ones) with the kind's module."""
+    if kind == "head_to_head":
+        unknown = sorted(set(table) - {"reference"})
+        if unknown:
+            raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}")
+        return None
+    rest = {k: v for k, v in table.items() if k != "reference"}
+    if kind == "length":
+        from harness.length_analysis import parse_options
+
+        return parse_options(rest, where)
+    if kind == "style_adherence":
+        from harness import style_adherence
+
+        if "domain" not in rest:
+            raise ConfigError(f"{where}: kind 'style_adherence' needs a 'domain' table")
+        domain = style_adherence.load_domain(rest.pop("domain"), where, base)
+        return StyleSettings(style_adherence.parse_options(rest, where), domain)
+    if "reference" in table:
+        raise ConfigError(f"{where}: kind 'ranking' has no reference")
+    from harness import ranking
+
+    return RankingSettings(ranking.parse_options(rest, where))
 
 
-def read_instructions(path: Path) -> tuple[Instruction, ...]:
-    """Read JSONL ({id, instruction, category}) or AlpacaEval JSON ({instruction, dataset})."""
-    if not path.exists():
-        raise DataError(f"instruction file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".json":
-            rows = json.loads(text)
-            if not isinstance(rows, list):
-                raise DataError(f"{path}: expected a JSON list of records")
-            where = [f"{path}: record {i + 1}" for i in range(len(rows))]
-        else:
-            rows, where = [], []
-            for lineno, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-                    where.append(f"{path}:{lineno}")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read {path}: {e}") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
-    out = []
-    for i, (row, at) in enumerate(zip(rows, where, strict=True)):
-        if not isinstance(row, dict) or not isinstance(row.get("instruction"), str):
-            raise DataError(f"{at}: no 'instruction' string")
-        out.append(Instruction(id=str(row.get("id", i)), instruction=row["instruction"],
-                               category=str(row.get("category", row.get("dataset", "")))))
-    seen: dict[str, str] = {}
-    for ins, at in zip(out, where, strict=True):
-        if ins.id in seen:
-            raise DataError(f"{at}: instruction id {ins.id!r} repeats {seen[ins.id]}")
-        seen[ins.id] = at
-    if not out:
-        raise DataError(f"{path}: no instructions")
-    return tuple(out)
+def _plain(options: Any) -> dict[str, Any]:
+    return options.as_dict() if hasattr(options, "as_dict") else dataclasses.asdict(options)
 
 
-def load_task(name: str) -> Task:
-    """Load a task by name (tasks/<name>.toml) or by path to a .toml; one clear error if bad."""
+@dataclass(frozen=True)
+class StyleSettings:
+    """A style-adherence task's settings and its domain (example instructions and responses)."""
+
+    options: Any
+    domain: Any
+
+    def as_dict(self) -> dict[str, Any]:
+        d = self.domain
+        return {**_plain(self.options),
+                "domain": {"name": d.name, "n": len(d.instructions),
+                           "hash": content_hash([list(d.instructions), list(d.responses)])}}
+
+
+@dataclass(frozen=True)
+class RankingSettings:
+    """A ranking task's settings (its pairs' source, k, n, seed...)."""
+
+    options: Any
+
+    def as_dict(self) -> dict[str, Any]:
+        return _plain(self.options)
+
+    @property
+    def source(self) -> str:
+        pairs = self.options.pairs
+        return str(pairs.get("path") or pairs.get("kind")) if isinstance(pairs, dict) else ""
+
+
+def load_task(name: str, limit: int | None = None) -> Task:
+    """Load a task by name (tasks/<name>.toml) or path to a .toml, at most `limit` samples per
+    instruction source; one clear error if anything is wrong."""
     path, data = load_named_toml("tasks", name)
     where = f"task config {path}"
-    unknown = sorted(set(data) - {"name", "kind", "description", "instructions"})
-    if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}")
     kind = data.get("kind", "head_to_head")
+    expect(kind, str, where, "kind")
     if kind not in KINDS:
-        raise ConfigError(f"{where}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    if "instructions" not in data:
-        raise ConfigError(f"{where}: needs 'instructions' (a file path)")
-    for k in ("name", "description", "instructions"):
+        raise unknown_name("task kind", kind, list(KINDS), f" (in {where})")
+    for k in ("name", "description"):
         if k in data:
             expect(data[k], str, where, k)
-    src = _resolve_path(data["instructions"], path.parent)
-    return Task(name=data.get("name", path.stem), kind=kind,
-                instructions=read_instructions(src), description=data.get("description", ""),
-                source=data["instructions"])
+    reference = data.get("reference")
+    if reference is not None and (not isinstance(reference, str) or not reference):
+        raise ConfigError(f"{where}: reference must be a variant name or \"{STORED}\"")
+    options = _kind_options(kind, {k: v for k, v in data.items() if k not in _COMMON},
+                            where, path.parent)
+    task_name = data.get("name", path.stem)
+    if kind == "ranking":
+        if "instructions" in data:
+            raise ConfigError(f"{where}: kind 'ranking' reads 'pairs', not 'instructions'")
+        return Task(name=task_name, kind=kind, instructions=(),
+                    description=data.get("description", ""), source=options.source,
+                    options=options)
+    if "instructions" not in data:
+        raise ConfigError(f"{where}: needs 'instructions' (a file path, or a table)")
+    sources = parse_sources(data["instructions"], where)
+    samples = load_sources(sources, path.parent, limit)
+    label = ""
+    if reference == STORED:
+        missing = next((s for s in samples if s.reference is None), None)
+        if missing is not None:
+            raise ConfigError(f"{where}: reference = \"{STORED}\" but instruction '{missing.id}' "
+                              f"of '{missing.source}' has no stored output (set "
+                              f"reference_field on its source)")
+        labels = {reference_label(s, path.parent) for s in sources}
+        label = labels.pop() if len(labels) == 1 else "stored-reference"
+    source = ", ".join(s.path if s.path else source_name(s) for s in sources)
+    return Task(name=task_name, kind=kind, instructions=samples,
+                description=data.get("description", ""), source=source, reference=reference,
+                reference_label=label, options=options)

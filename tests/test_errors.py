@@ -9,7 +9,7 @@ import pytest
 from harness.cli import main
 from harness.errors import ConfigError, DataError
 from harness.registry import load_registry, select_models
-from harness.tasks import read_instructions
+from harness.instruction_sets import read_instructions
 
 ROOT = Path(__file__).resolve().parents[1]
 

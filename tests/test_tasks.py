@@ -1,0 +1,170 @@
+"""Task kinds and instruction sets on the tiny models: stored references, several sources,
+per-category tables, a task's own reference variant, length, MT-bench, and bad task files."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from harness.cli import main
+from harness.errors import HarnessError
+from harness.instruction_sets import load_source, parse_sources
+from harness.runner import RunConfig, run
+from harness.tasks import load_task
+
+
+def _config(setup, tasks, **kw) -> RunConfig:
+    return RunConfig(models="all", tasks=tuple(str(t) for t in tasks), judge="heuristic",
+                     results_dir=setup["results"], registry_path=setup["registry"], **kw)
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    return _write(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _one_line(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+@pytest.fixture
+def qa_set(tmp_path):
+    """Four questions with stored answers, in two categories, with non-default field names."""
+    rows = [{"qid": f"q{i}", "prompt": f"Name {i + 1} colours.", "topic": ["a", "b"][i % 2],
+             "answer": "Red, green and blue." if i % 2 else "Red."} for i in range(4)]
+    return _jsonl(tmp_path / "qa.jsonl", rows)
+
+
+def test_head_to_head_against_stored_outputs_with_a_category_breakdown(tiny_setup, qa_set,
+                                                                       tmp_path):
+    task = _write(tmp_path / "stored.toml", f'''
+name = "stored"
+reference = "outputs"
+instructions = {{ path = "{qa_set}", id_field = "qid", instruction_field = "prompt", \
+category_field = "topic", reference_field = "answer", reference_name = "gold" }}
+''')
+    result = run(_config(tiny_setup, [task]))
+    # both variants (the registry's reference too) are judged against the stored answers
+    assert result.n_judged == 8
+    judgments = [json.loads(x) for x in (result.run_dir / "judgments.jsonl").open()]
+    assert {j["generator_1"] for j in judgments} == {"gold"}
+    assert {j["model"] for j in judgments} == {"tiny-ref", "tiny-base"}
+    rows = {r["model"]: r for r in result.summary}
+    assert all(r["role"] == "variant" and r["reference"] == "gold" for r in rows.values())
+    tables = result.run_dir / "tables"
+    by_cat = json.loads((tables / "stored.by_category.json").read_text())
+    assert sorted((r["model"], r["category"], r["n"]) for r in by_cat) == [
+        ("tiny-base", "a", 2), ("tiny-base", "b", 2), ("tiny-ref", "a", 2), ("tiny-ref", "b", 2)]
+    for model, row in rows.items():  # the categories' win rates average to the overall one
+        cats = [r["win_rate"] for r in by_cat if r["model"] == model]
+        assert sum(cats) / 2 == pytest.approx(row["win_rate"])
+    with (tables / "stored.summary.csv").open() as f:
+        assert {r["model"] for r in csv.DictReader(f)} == {"tiny-ref", "tiny-base"}
+    html = (result.run_dir / "report.html").read_text()
+    assert "Red, green and blue." in html and 'data-task="stored"' in html
+
+
+def test_several_sources_keep_source_and_category_and_ids_stay_unique(tmp_path, qa_set):
+    other = _jsonl(tmp_path / "more.jsonl", [{"id": "q0", "instruction": "Say hi."},
+                                             {"id": "q1", "instruction": "Say bye."}])
+    task = _write(tmp_path / "multi.toml", f'''
+instructions = [{{ path = "{qa_set}", id_field = "qid", instruction_field = "prompt", \
+category_field = "topic", n = 3, seed = 1 }}, "{other}"]
+''')
+    t = load_task(str(task))
+    assert [i.source for i in t.instructions] == ["qa"] * 3 + ["more"] * 2
+    assert len({i.id for i in t.instructions}) == 5 and t.instructions[-1].id == "more/q1"
+    assert {i.category for i in t.instructions[:3]} <= {"a", "b"}
+    assert len(load_task(str(task), limit=1).instructions) == 2  # --limit is per source
+
+
+def test_a_task_may_name_its_own_reference_variant(tiny_setup, tmp_path):
+    ins = tiny_setup["task"].parent / "ins.jsonl"
+    task = _write(tmp_path / "own.toml", f'name = "own"\nreference = "tiny-base"\n'
+                                         f'instructions = "{ins}"\n')
+    result = run(_config(tiny_setup, [task]))
+    rows = {r["model"]: r for r in result.summary}
+    assert rows["tiny-base"]["role"] == "reference" and rows["tiny-ref"]["role"] == "variant"
+    assert rows["tiny-ref"]["win_rate"] is not None and rows["tiny-ref"]["n_total"] == 6
+
+
+def test_length_task_reports_the_cap_share_and_win_rate_by_length(tiny_setup, tmp_path):
+    ins = tiny_setup["task"].parent / "ins.jsonl"
+    task = _write(tmp_path / "len.toml", f'name = "len"\nkind = "length"\nbins = 2\n'
+                                         f'instructions = "{ins}"\n')
+    h2h = run(_config(tiny_setup, [tiny_setup["task"]]))
+    result = run(_config(tiny_setup, [task]))
+    assert result.n_generated == 0 and result.n_judged == 0  # the head-to-head run's records
+    gens = [json.loads(x) for x in (h2h.run_dir / "generations.jsonl").open()]
+    for r in result.summary:
+        mine = [g for g in gens if g["model"] == r["model"]]
+        assert r["kind"] == "length" and r["n"] == 6
+        assert r["cap_share"] == pytest.approx(
+            sum(g["finish_reason"] == "length" for g in mine) / 6)
+        assert r["eos_share"] + r["cap_share"] == pytest.approx(1.0)
+        assert r["mean_tokens"] == pytest.approx(sum(g["n_tokens"] for g in mine) / 6)
+    base = next(r for r in result.summary if r["model"] == "tiny-base")
+    old = next(r for r in h2h.summary if r["model"] == "tiny-base")
+    assert base["win_rate"] == pytest.approx(old["win_rate"])
+    bins = json.loads((result.run_dir / "tables" / "len.by_length_bin.json").read_text())
+    assert bins and sum(b["n"] for b in bins) == 6 and {b["model"] for b in bins} == {
+        "tiny-base"}
+    assert (result.run_dir / "tables" / "len.distribution.csv").exists()
+
+
+def test_mtbench_gives_its_80_first_turns_in_8_categories():
+    task = load_task("mtbench")
+    assert len(task.instructions) == 80
+    assert len({i.category for i in task.instructions}) == 8
+    assert task.instructions[0].instruction.startswith("Compose an engaging travel blog post")
+
+
+def test_the_study_sets_with_stored_references_load():
+    gpt4 = load_task("alpaca_eval_gpt4")
+    assert len(gpt4.instructions) == 805 and gpt4.reference_label == "gpt4_1106_preview"
+    assert all(i.reference for i in gpt4.instructions)
+    assert len({i.category for i in gpt4.instructions}) == 5
+    val = load_task("implicit_ins_val_gpt35")
+    assert len(val.instructions) == 56 and val.reference_label == "gpt-3.5-turbo"
+
+
+@pytest.mark.parametrize("body, message", [
+    ('instructions = {{ path = "{qa}" }}\n', ":1: no 'instruction' string"),
+    ('instructions = {{ path = "{qa}", instruction_field = "prompt", category_field = "x" }}\n',
+     ":1: no 'x' string"),
+    ('reference = "outputs"\ninstructions = {{ path = "{qa}", instruction_field = "prompt" }}\n',
+     "has no stored output"),
+    ('kind = "head_to_hed"\ninstructions = "{qa}"\n', "did you mean head_to_head"),
+    ('instructions = {{ path = "{qa}", formt = "jsonl" }}\n', "unknown instructions field"),
+    ('instructions = []\n', "empty list"),
+    ('kind = "length"\nbins = "four"\ninstructions = "{qa}"\n', "bins"),
+    ('reference = "tiny-nope"\ninstructions = {{ path = "{qa}", instruction_field = "prompt" }}\n',
+     "did you mean tiny-"),
+])
+def test_bad_task_files_get_one_line_and_exit_2(tiny_setup, qa_set, tmp_path, capsys, body,
+                                                 message):
+    task = _write(tmp_path / "bad.toml", body.format(qa=qa_set))
+    err = _one_line(capsys, ["run", "--registry", str(tiny_setup["registry"]), "--tasks",
+                             str(task), "--results-dir", str(tiny_setup["results"])])
+    assert message in err
+
+
+def test_tasks_all_cannot_be_mixed_with_names(tiny_setup, capsys):
+    err = _one_line(capsys, ["run", "--registry", str(tiny_setup["registry"]), "--tasks",
+                             "all,instructions"])
+    assert "--tasks all" in err
+
+
+def test_source_parsing_rejects_a_table_without_a_path():
+    with pytest.raises(HarnessError, match="need a 'path'"):
+        parse_sources({"n": 3}, "t")
+    with pytest.raises(HarnessError, match="not found"):
+        load_source(parse_sources("nowhere.jsonl", "t")[0], Path("/nonexistent"))
