@@ -230,10 +230,12 @@ def export_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
                 continue
             g1 = by_where.get((j.task, j.generator_1, j.instruction_id))
             g2 = by_where.get((j.task, j.generator_2, j.instruction_id))
-            if g1 is None or g2 is None:
+            stored = (j.info or {}).get("reference_output")  # judged against stored outputs
+            if g2 is None or (g1 is None and not isinstance(stored, str)):
                 raise DataError(f"{judg_path}: judgment of {j.model} on {j.task}/"
                                 f"{j.instruction_id} has no generation in {gens_path}")
-            anns.append(Annotation(g2.instruction, g1.output, g2.output, j.preference,
+            ref_output = g1.output if g1 is not None else stored
+            anns.append(Annotation(g2.instruction, ref_output, g2.output, j.preference,
                                    j.generator_1, j.generator_2, j.judge, j.raw,
                                    (j.info or {}).get("cost_usd"), j.task))
         path = out_dir / model / "annotations.json"

@@ -131,7 +131,17 @@ def _cmd_list(args: argparse.Namespace) -> int:
             flags.append(build_status(spec))
         extra = f" [{', '.join(flags)}]" if flags else ""
         print(f"  {spec.name}{extra}: {spec.description or spec.source}")
-    print("tasks:\n  " + "\n  ".join(available_tasks()))
+    from harness.configs import load_named_toml
+
+    print("tasks:")
+    for name in available_tasks():
+        try:
+            data = load_named_toml("tasks", name)[1]
+        except HarnessError as e:
+            print(f"  {name} [unreadable: {e}]")
+            continue
+        kind, desc = data.get("kind", "head_to_head"), data.get("description", "")
+        print(f"  {name} [{kind}]: {desc}" if desc else f"  {name} [{kind}]")
     print("judges:\n  " + "\n  ".join(available_judges()))
     return 0
 

@@ -321,10 +321,14 @@ def judge_all(specs: Sequence[ModelSpec], reference: ModelSpec, tasks: Sequence[
 
     def compute(todo: list[Wanted]) -> Iterator[tuple[int, Any]]:
         for i, j in judge.judge([w.payload for w in todo]):
+            info = j.info
+            if todo[i].labels["generator_1"] not in names:  # a stored output: keep it for export
+                info = {**(info or {}), "reference_output": todo[i].payload.output_1.output}
             yield i, JudgmentRecord(key=todo[i].key, **todo[i].labels, judge=judge.spec.name,
                                     judge_spec_hash=spec_hash, preference=j.preference,
-                                    raw=j.raw, info=j.info, created=_now())
+                                    raw=j.raw, info=info, created=_now())
 
+    names = {s.name for s in specs}
     if not wanted:
         return {}, 0
     return fill(store, wanted, compute, f"judge ({judge.spec.name})")

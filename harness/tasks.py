@@ -64,8 +64,9 @@ class Task:
 
     def describe(self) -> dict[str, Any]:
         """What the run's resolved config records of this task."""
+        n = self.options.options.n if self.kind == "ranking" else len(self.instructions)
         d: dict[str, Any] = {"name": self.name, "kind": self.kind, "source": self.source,
-                             "n": len(self.instructions)}
+                             "n": n}
         if self.reference is not None:
             d["reference"] = self.reference
         if self.options is not None:
@@ -158,6 +159,8 @@ def load_task(name: str, limit: int | None = None) -> Task:
     if kind == "ranking":
         if "instructions" in data:
             raise ConfigError(f"{where}: kind 'ranking' reads 'pairs', not 'instructions'")
+        if limit is not None and limit < options.options.n:  # --limit: N items
+            options = RankingSettings(dataclasses.replace(options.options, n=limit))
         return Task(name=task_name, kind=kind, instructions=(),
                     description=data.get("description", ""), source=options.source,
                     options=options)

@@ -70,6 +70,11 @@ category_field = "topic", reference_field = "answer", reference_name = "gold" }}
         assert {r["model"] for r in csv.DictReader(f)} == {"tiny-ref", "tiny-base"}
     html = (result.run_dir / "report.html").read_text()
     assert "Red, green and blue." in html and 'data-task="stored"' in html
+    from harness.alpaca_formats import export_run, read_annotations
+
+    exported = [p for p in export_run(result.run_dir) if p.name == "annotations.json"]
+    anns = read_annotations(exported[0])
+    assert len(anns) == 4 and {a.output_1 for a in anns} == {"Red.", "Red, green and blue."}
 
 
 def test_several_sources_keep_source_and_category_and_ids_stay_unique(tmp_path, qa_set):
@@ -168,3 +173,30 @@ def test_source_parsing_rejects_a_table_without_a_path():
         parse_sources({"n": 3}, "t")
     with pytest.raises(HarnessError, match="not found"):
         load_source(parse_sources("nowhere.jsonl", "t")[0], Path("/nonexistent"))
+
+
+def test_style_adherence_task_runs_end_to_end_on_the_tiny_models(tiny_setup, tmp_path):
+    ins = tiny_setup["task"].parent / "ins.jsonl"
+    poems = _jsonl(tmp_path / "poems.jsonl", [{"instruction": "Write a poem about the sea.",
+                                               "response": "The sea is wide\nThe sea is deep"}] * 3)
+    task = _write(tmp_path / "style.toml", f'''
+name = "style"
+kind = "style_adherence"
+instructions = "{ins}"
+domain = {{ kind = "jsonl", path = "{poems}", instruction_field = "instruction", \
+response_field = "response" }}
+bins = 2
+''')
+    result = run(_config(tiny_setup, [task]))
+    assert result.n_judged == 0  # style adherence needs no judge
+    rows = {r["model"]: r for r in result.summary}
+    assert set(rows) == {"tiny-ref", "tiny-base"}
+    for r in rows.values():
+        assert r["kind"] == "style_adherence" and r["n"] == 6
+        assert 0 <= r["poem_share"] <= 1 and r["adherence_slope"] is not None
+    items = json.loads((result.run_dir / "tables" / "style.items.json").read_text())
+    assert len(items) == 12 and {"instruction_similarity", "poem_score"} <= set(items[0])
+    assert (result.run_dir / "tables" / "style.bins.csv").exists()
+    from harness.cli import format_table
+
+    assert "adherence slope" in format_table(result.summary)
