@@ -345,6 +345,26 @@ def tuning_pairs(specs: Sequence[ModelSpec]) -> set[tuple[str, str]]:
     return out
 
 
+def _scoring_group(spec: ModelSpec) -> str:
+    """Variants with one group share forward passes: same weights, dtype and prompts."""
+    return canonical_json([spec.weights_identity(), spec.dtype, spec.prompt_format,
+                           spec.system_prompt])
+
+
+def _shared_lm(spec: ModelSpec, specs: Sequence[ModelSpec], tokenizers: dict[str, Any],
+               batch_size: int, lms: dict[str, Any]) -> Any:
+    """The variant's lm-eval LM; the first of its group loads the model once for the group
+    (a base and its rules variants: one forward pass scores a request for all of them)."""
+    if spec.name not in lms:
+        from harness.generation import load_model
+        from harness.lm_eval_model import group_lms
+
+        lms.clear()  # free the previous group's model first
+        group = [s for s in specs if _scoring_group(s) == _scoring_group(spec)]
+        lms.update(group_lms(load_model(spec, tokenizers[spec.name]), group, batch_size))
+    return lms[spec.name]
+
+
 #: Log-likelihood requests sent to the model per batch between stores (resume granularity).
 SCORE_CHUNK = 16
 
@@ -374,6 +394,7 @@ def score_all(specs: Sequence[ModelSpec], tasks: Sequence[Task], store: Store,
     out: dict[str, dict[str, Any]] = {t.name: {"items": prepared[t.name], "scores": {}}
                                       for t in ranking}
     made = 0
+    lms: dict[str, Any] = {}  # the lm-eval LMs of the variants sharing weights and prompts
     for spec in specs:
         tokenizer = tokenizers[spec.name]
         wanted = []
@@ -392,10 +413,9 @@ def score_all(specs: Sequence[ModelSpec], tasks: Sequence[Task], store: Store,
                                      labels, (context, continuation)))
 
         def compute(todo: list[Wanted], spec: ModelSpec = spec) -> Iterator[tuple[int, Any]]:
-            from harness.generation import load_model
-            from harness.lm_eval_model import HarnessLM, loglikelihoods
+            from harness.lm_eval_model import loglikelihoods
 
-            lm = HarnessLM(load_model(spec, tokenizers[spec.name]), batch_size=batch_size)
+            lm = _shared_lm(spec, specs, tokenizers, batch_size, lms)
             for start in range(0, len(todo), SCORE_CHUNK):
                 chunk = todo[start:start + SCORE_CHUNK]
                 got = loglikelihoods(lm, [w.payload for w in chunk])

