@@ -268,8 +268,10 @@ def test_a_non_table_model_entry_is_one_line(tiny_dirs, tmp_path, capsys):
 
 @pytest.mark.parametrize("text, message", [
     ('name = 3\ninstructions = "ins.jsonl"\n', "name must be a string"),
-    ('instructions = ["ins.jsonl"]\n', "instructions must be a string"),
-    ('kind = "quiz"\ninstructions = "ins.jsonl"\n', "kind must be one of"),
+    ('instructions = 3\n', "instructions must be a table"),
+    ('instructions = [3]\n', "instructions must be a table"),
+    ('kind = "quiz"\ninstructions = "ins.jsonl"\n', "unknown task kind 'quiz'"),
+    ('kind = 3\ninstructions = "ins.jsonl"\n', "kind must be a string"),
     ('instructions = "ins.jsonl"\nlimit = 3\n', "unknown field(s) limit"),
 ])
 def test_wrong_types_in_a_task_are_one_line(setup, tmp_path, capsys, text, message):
