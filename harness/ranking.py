@@ -265,7 +265,7 @@ def analyse(items: Sequence[RankItem], mean_logprobs: dict[str, list[list[float]
             hit = true > best_other
             correct.append(1.0 if hit else 0.0)
             ranks.append(1 + sum(v >= true for v in others))
-            rows.append({"variant": variant, "id": item.id, "true_index": item.true_index,
+            rows.append({"model": variant, "id": item.id, "true_index": item.true_index,
                          "predicted_index": predicted, "correct": hit,
                          "true_mean_logprob": true, "best_other_mean_logprob": best_other})
         low, high = _bootstrap(correct, options.bootstrap, options.seed)

@@ -37,12 +37,12 @@ _DOMAIN_KEYS = {"poetry": ("kind", "name", "n", "seed"),
 _OPTION_KEYS = ("bins", "poem_threshold", "bootstrap", "seed")
 
 #: Columns of the "bins" table (one row per variant and bin).
-BIN_COLUMNS = ("variant", "bin", "similarity_low", "similarity_high", "similarity_mean", "n",
+BIN_COLUMNS = ("model", "bin", "similarity_low", "similarity_high", "similarity_mean", "n",
                "embedding_adherence", "embedding_adherence_ci_low",
                "embedding_adherence_ci_high", "poem_score", "poem_score_ci_low",
                "poem_score_ci_high", "poem_share")
 #: Columns of the "items" table (one row per variant and instruction).
-ITEM_COLUMNS = ("variant", "id", "source", "category", "instruction_similarity", "bin",
+ITEM_COLUMNS = ("model", "id", "source", "category", "instruction_similarity", "bin",
                 "embedding_adherence", "poem_score", "is_poem")
 #: Keys of each variant's headline.
 HEADLINE_KEYS = ("n", "bins", "poem_share", "poem_share_nearest_bin",
@@ -355,7 +355,7 @@ def analyse(items: Sequence[Item], outputs: Mapping[str, Sequence[str]], domain:
             adh, adh_lo, adh_hi = _mean_ci([adherence[i] for i in members], reps, seed)
             ps, ps_lo, ps_hi = _mean_ci([scores[i] for i in members], reps, seed)
             per_bin.append({
-                "variant": variant, "bin": b, "similarity_low": _f(bounds[b]),
+                "model": variant, "bin": b, "similarity_low": _f(bounds[b]),
                 "similarity_high": _f(bounds[b + 1]),
                 "similarity_mean": _f(np.mean([sims[i] for i in members])) if members else None,
                 "n": len(members), "embedding_adherence": adh,
@@ -379,7 +379,7 @@ def analyse(items: Sequence[Item], outputs: Mapping[str, Sequence[str]], domain:
             "poem_score_slope_ci_low": p_lo, "poem_score_slope_ci_high": p_hi,
         }
         for i, it in enumerate(items):
-            item_rows.append({"variant": variant, "id": it.id, "source": it.source,
+            item_rows.append({"model": variant, "id": it.id, "source": it.source,
                               "category": it.category, "instruction_similarity": _f(sims[i]),
                               "bin": index[i], "embedding_adherence": _f(adherence[i]),
                               "poem_score": _f(scores[i]), "is_poem": poems[i]})

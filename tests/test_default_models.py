@@ -49,3 +49,36 @@ def test_default_run_end_to_end_on_real_models(tmp_path, capsys):
     assert "report: " in out
     assert main(args) == 0
     assert "generated 0, judged 0" in capsys.readouterr().out
+
+
+def test_every_task_runs_on_the_default_variants(tmp_path, capsys):
+    """`run --models all --tasks all`: every built-in task (a task whose reference is not built
+    is skipped with a note) gives a headline row per variant and its tables."""
+    from harness.tasks import available_tasks, load_task
+    from harness.tune_config import is_built
+
+    args = ["run", "--models", "all", "--tasks", "all", "--limit", "2", "--max-new-tokens",
+            "16", "--results-dir", str(tmp_path)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    run_dir = next(tmp_path.glob("run-*"))
+    summary = json.loads((run_dir / "summary.json").read_text())["rows"]
+    registry = load_registry()
+    variants = {s.name for s in select_models(registry, "all")}
+    expected = set()
+    for name in available_tasks():
+        ref = load_task(name, limit=1).reference
+        if ref in registry and not is_built(registry[ref]):
+            continue
+        expected.add(name)
+        assert {r["model"] for r in summary if r["task"] == name} >= variants, name
+        assert list((run_dir / "tables").glob(f"{name}.summary.csv")), name
+    assert {r["task"] for r in summary} == expected
+    kinds = {r["kind"] for r in summary}
+    assert kinds == {"head_to_head", "length", "style_adherence", "ranking"}
+    for r in summary:
+        if r["kind"] == "ranking":
+            assert r["n"] == 2 and r["chance"] == 0.25
+        if r["kind"] == "style_adherence":
+            assert 0 <= r["poem_share"] <= 1
+    assert "accuracy" in out and "poems: nearest bin" in out and "hit the cap" in out

@@ -8,8 +8,8 @@ import pytest
 
 from harness.cli import main
 from harness.errors import ConfigError, DataError
-from harness.registry import load_registry, select_models
 from harness.instruction_sets import read_instructions
+from harness.registry import load_registry, select_models
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -228,12 +228,12 @@ def test_near_domain_poems_show_in_the_headline(result):
 def test_bins_share_edges_across_variants(result):
     rows = result["tables"]["bins"]
     by_variant = {v: [(r["bin"], r["similarity_low"], r["similarity_high"], r["n"])
-                      for r in rows if r["variant"] == v] for v in ("poet", "prose")}
+                      for r in rows if r["model"] == v] for v in ("poet", "prose")}
     assert by_variant["poet"] == by_variant["prose"] and len(by_variant["poet"]) == 2
     lows = [r[1] for r in by_variant["poet"]]
     assert lows == sorted(lows)  # bin 0 is the farthest from the domain
     items = result["tables"]["items"]
-    bins = {v: {r["id"]: r["bin"] for r in items if r["variant"] == v} for v in ("poet", "prose")}
+    bins = {v: {r["id"]: r["bin"] for r in items if r["model"] == v} for v in ("poet", "prose")}
     assert bins["poet"] == bins["prose"]
     assert all(bins["poet"][f"n{i}"] == 1 for i in range(len(NEAR)))
 

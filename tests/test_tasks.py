@@ -221,7 +221,12 @@ k = 2
         assert r["kind"] == "ranking" and r["n"] == 5 and r["k"] == 2
         assert r["chance"] == pytest.approx(1 / 3) and 0 <= r["accuracy"] <= 1
     items = json.loads((first.run_dir / "tables" / "rank.items.json").read_text())
-    assert len(items) == 10 and {i["correct"] for i in items} <= {True, False, 0, 1}
+    assert len(items) == 10
+    for i in items:
+        assert bool(i["correct"]) == (i["predicted_index"] == i["true_index"])
+    for model, r in rows.items():
+        mine = [i for i in items if i["model"] == model]
+        assert r["accuracy"] == pytest.approx(sum(bool(i["correct"]) for i in mine) / 5)
     again = run(_config(tiny_setup, [task]))
     assert again.n_scored == 0 and again.summary == first.summary
     limited = run(_config(tiny_setup, [task], limit=2, run_id="limited"))
