@@ -555,7 +555,8 @@ def _style(task: Task, specs: Sequence[ModelSpec], generations: dict[Where, Gene
 
 def analyse_tasks(specs: Sequence[ModelSpec], reference: ModelSpec, tasks: Sequence[Task],
                   generations: dict[Where, GenerationRecord],
-                  judgments: dict[Where, JudgmentRecord], scores: dict[str, dict[str, Any]]
+                  judgments: dict[Where, JudgmentRecord], scores: dict[str, dict[str, Any]],
+                  timings: dict[str, float] | None = None
                   ) -> tuple[list[dict[str, Any]], dict[str, dict[str, list[dict[str, Any]]]]]:
     """One headline row per (task, variant), and each task's tables by name.
 
@@ -565,30 +566,43 @@ def analyse_tasks(specs: Sequence[ModelSpec], reference: ModelSpec, tasks: Seque
     rows: list[dict[str, Any]] = []
     tables: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for task in tasks:
-        if task.kind == "head_to_head":
-            task_rows, tables[task.name] = _head_to_head(task, specs, reference, generations,
-                                                         judgments)
-            rows.extend(task_rows)
-            continue
-        if task.kind == "length":
-            headline, tables[task.name] = _length(task, specs, reference, generations,
-                                                  judgments)
-        elif task.kind == "style_adherence":
-            headline, tables[task.name] = _style(task, specs, generations)
-        else:
-            from harness import ranking
-
-            got = scores[task.name]
-            result = ranking.analyse(got["items"], got["scores"], task.options.options)
-            headline, tables[task.name] = result["headline"], result["tables"]
-        ref_variant = task_reference(task, reference) if task.judged else None
-        for spec in specs:
-            rows.append(_clean({"task": task.name, "kind": task.kind, "model": spec.name,
-                                "role": "reference" if spec.name == ref_variant else "variant",
-                                **headline[spec.name]}))
-        tables[task.name] = {"summary": [r for r in rows if r["task"] == task.name],
-                             **tables[task.name]}
+        started = time.time()
+        try:
+            _analyse_one(task, specs, reference, generations, judgments, scores, rows, tables)
+        finally:
+            if timings is not None:
+                timings[task.name] = round(time.time() - started, 2)
     return rows, tables
+
+
+def _analyse_one(task: Task, specs: Sequence[ModelSpec], reference: ModelSpec,
+                 generations: dict[Where, GenerationRecord],
+                 judgments: dict[Where, JudgmentRecord], scores: dict[str, dict[str, Any]],
+                 rows: list[dict[str, Any]], tables: dict[str, Any]) -> None:
+    """Append one task's headline rows to `rows` and put its tables in `tables`."""
+    if task.kind == "head_to_head":
+        task_rows, tables[task.name] = _head_to_head(task, specs, reference, generations,
+                                                     judgments)
+        rows.extend(task_rows)
+        return
+    if task.kind == "length":
+        headline, tables[task.name] = _length(task, specs, reference, generations,
+                                              judgments)
+    elif task.kind == "style_adherence":
+        headline, tables[task.name] = _style(task, specs, generations)
+    else:
+        from harness import ranking
+
+        got = scores[task.name]
+        result = ranking.analyse(got["items"], got["scores"], task.options.options)
+        headline, tables[task.name] = result["headline"], result["tables"]
+    ref_variant = task_reference(task, reference) if task.judged else None
+    for spec in specs:
+        rows.append(_clean({"task": task.name, "kind": task.kind, "model": spec.name,
+                            "role": "reference" if spec.name == ref_variant else "variant",
+                            **headline[spec.name]}))
+    tables[task.name] = {"summary": [r for r in rows if r["task"] == task.name],
+                         **tables[task.name]}
 
 
 def write_tables(run_dir: Path, tables: dict[str, dict[str, list[dict[str, Any]]]]
@@ -674,18 +688,28 @@ def run(config: RunConfig) -> RunResult:
         preflight = getattr(judge, "preflight", None)
         if preflight is not None:  # a wrong URL or key fails now, not after all generation
             preflight()
+        stages: dict[str, float] = {"setup": time.time() - start}
+        t = time.time()
         generations, n_gen = generate_all(specs, tasks, gen_store, config.batch_size, tokenizers,
                                           identities)
+        stages["generate"], t = time.time() - t, time.time()
         judgments, n_judged = judge_all(specs, reference, tasks, generations, judge, judge_store)
+        stages["judge"], t = time.time() - t, time.time()
         score_store = Store(results_dir, run_dir, "scores", ScoreRecord)
         scores, n_scored = score_all(specs, tasks, score_store, config.batch_size, tokenizers,
                                      identities)
-        summary, tables = analyse_tasks(specs, reference, tasks, generations, judgments, scores)
+        stages["score"], t = time.time() - t, time.time()
+        task_seconds: dict[str, float] = {}
+        summary, tables = analyse_tasks(specs, reference, tasks, generations, judgments, scores,
+                                        task_seconds)
         write_tables(run_dir, tables)
+        stages["analyse"] = time.time() - t
         seconds = time.time() - start
         meta = {"run_id": run_id, "judge": judge.spec.name, "reference": reference.name,
                 "generated": n_gen, "judged": n_judged, "scored": n_scored,
-                "seconds": round(seconds, 1)}
+                "seconds": round(seconds, 1),
+                "stage_seconds": {k: round(v, 1) for k, v in stages.items()},
+                "analysis_seconds": task_seconds}
         _write_text(run_dir / "summary.json", canonical_json({"meta": meta, "rows": summary})
                     + "\n")
         report = write_report(run_dir, resolved, meta, summary, tasks, specs, generations,
