@@ -101,8 +101,9 @@ def task_names(selection: Sequence[str]) -> list[str]:
 def resolve(config: RunConfig) -> tuple[list[ModelSpec], ModelSpec, list[Task], Judge]:
     """Turn the request into specs, tasks and a judge; every reference variant is included.
 
-    Under `--tasks all`, a task whose reference is a tuned variant not yet built is skipped
-    with a note; named explicitly, it is one line naming the `tune` command.
+    Under `--tasks all`, a task whose reference variant is not registered, or is a tuned variant
+    not yet built, is skipped with a note; named explicitly, it is one line (the nearest names,
+    or the `tune` command).
     """
     registry = load_registry(config.registry_path)
     if config.max_new_tokens is not None and config.max_new_tokens < 1:
@@ -127,6 +128,10 @@ def resolve(config: RunConfig) -> tuple[list[ModelSpec], ModelSpec, list[Task], 
             raise ConfigError(f"two tasks are named '{task.name}' ({clash.source} and "
                               f"{task.source}); give each task a unique name")
         if task.reference not in (None, STORED):
+            if task.reference not in registry and every:
+                print(f"task {task.name}: skipped, its reference {task.reference} is not in "
+                      f"the registry", file=sys.stderr)
+                continue
             if task.reference not in registry:
                 from harness.errors import unknown_name
 

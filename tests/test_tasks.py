@@ -231,3 +231,14 @@ k = 2
     assert again.n_scored == 0 and again.summary == first.summary
     limited = run(_config(tiny_setup, [task], limit=2, run_id="limited"))
     assert {r["n"] for r in limited.summary} == {2}
+
+
+def test_tasks_all_skips_a_task_whose_reference_is_not_in_the_registry(tiny_setup, capsys):
+    from harness.runner import resolve
+
+    specs, _, tasks, _ = resolve(_config(tiny_setup, ["all"]))
+    names = {t.name for t in tasks}
+    assert {"instructions", "length", "style_adherence", "ranking", "mtbench"} <= names
+    assert "instructions_vs_instruction_tuned" not in names
+    assert "instructions_vs_instruction_tuned: skipped" in capsys.readouterr().err
+    assert {s.name for s in specs} == {"tiny-ref", "tiny-base"}
