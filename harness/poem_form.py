@@ -144,21 +144,6 @@ def rhymes(a: str, b: str) -> bool:
     return ka == kb and (len(ka) >= 2 or ka in ("y", "o"))  # sky/why, go/so
 
 
-def _blocks(text: str) -> list[list[str]]:
-    """Blank-line-separated blocks of non-empty, right-stripped lines."""
-    out: list[list[str]] = []
-    cur: list[str] = []
-    for line in text.replace("\r\n", "\n").split("\n"):
-        if line.strip():
-            cur.append(line.rstrip())
-        elif cur:
-            out.append(cur)
-            cur = []
-    if cur:
-        out.append(cur)
-    return out
-
-
 def _code_lines(lines: list[str]) -> int:
     """Lines inside code fences (fences included) or shaped like code."""
     inside, n = False, 0
@@ -173,7 +158,9 @@ def _code_lines(lines: list[str]) -> int:
 
 def features(text: str) -> dict[str, float]:
     """Line-structure features of a text, each in [0, 1] (see FEATURE_NAMES)."""
-    blocks = _blocks(text)
+    from harness.tune_data import stanzas
+
+    blocks = stanzas(text)
     lines = [ln for b in blocks for ln in b]
     if not lines:
         return {name: 0.0 for name in FEATURE_NAMES}

@@ -18,7 +18,6 @@ interval over instructions. A blank response has no adherence (None) and poem_sc
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -122,43 +121,9 @@ def parse_options(table: dict[str, Any], where: str) -> StyleOptions:
 def domain_path(path: str, base_dir: Path) -> Path:
     """A domain file's location: `shared:` means the shared data folder; relative means
     relative to base_dir (the task file's folder)."""
-    if path.startswith("shared:"):
-        from harness.cache import shared_data_dir
+    from harness.instruction_sets import resolve_path
 
-        return shared_data_dir() / path[len("shared:"):]
-    p = Path(path).expanduser()
-    return p if p.is_absolute() else base_dir / p
-
-
-def _read_pairs(path: Path, instruction_field: str, response_field: str
-                ) -> list[tuple[str, str]]:
-    """(instruction, response) pairs of a JSONL file; one-line DataError for any bad line."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"domain file not found: {path}") from None
-    except IsADirectoryError:
-        raise DataError(f"domain path is a folder, not a JSONL file: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read domain file {path}: {e}") from None
-    pairs = []
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise DataError(f"{path}:{i}: not JSON ({e})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}:{i}: expected an object, got {type(row).__name__}")
-        for field in (instruction_field, response_field):
-            if field not in row:
-                raise DataError(f"{path}:{i}: missing field '{field}'")
-            if not isinstance(row[field], str):
-                raise DataError(f"{path}:{i}: field '{field}' must be a string, "
-                                f"got {type(row[field]).__name__}")
-        pairs.append((row[instruction_field], row[response_field]))
-    return pairs
+    return resolve_path(path, base_dir)
 
 
 def load_domain(table: Any, where: str, base_dir: Path | None = None) -> Domain:
@@ -170,7 +135,7 @@ def load_domain(table: Any, where: str, base_dir: Path | None = None) -> Domain:
     "response", n, seed }: any JSONL file (`shared:` prefix or relative to base_dir).
     Pairs with a blank instruction or response are dropped; an empty domain is an error.
     """
-    from harness.tune_data import subsample
+    from harness.tune_data import jsonl_pairs, subsample
 
     w = f"{where} domain"
     expect(table, dict, where, "domain")
@@ -197,8 +162,8 @@ def load_domain(table: Any, where: str, base_dir: Path | None = None) -> Domain:
         if "path" not in table:
             raise ConfigError(f"{w}: kind 'jsonl' needs path")
         path = domain_path(table["path"], base_dir if base_dir is not None else Path("."))
-        pairs = _read_pairs(path, table.get("instruction_field", "instruction"),
-                            table.get("response_field", "response"))
+        pairs = jsonl_pairs(path, table.get("instruction_field", "instruction"),
+                            table.get("response_field", "response"), "domain file")
         what = str(path)
         name = path.stem
     pairs = [(i, r) for i, r in pairs if i.strip() and r.strip()]

@@ -101,9 +101,11 @@ def _is_heading(line: str) -> bool:
     return not any(c.islower() for c in line)
 
 
-def _stanzas(text: str) -> list[list[str]]:
-    out, cur = [], []
-    for line in text.split("\n"):
+def stanzas(text: str) -> list[list[str]]:
+    """Blank-line-separated blocks of non-empty, right-stripped lines."""
+    out: list[list[str]] = []
+    cur: list[str] = []
+    for line in text.replace("\r\n", "\n").split("\n"):
         if line.strip():
             cur.append(line.rstrip())
         elif cur:
@@ -119,23 +121,23 @@ def _split_poems(text: str, mode: str) -> list[list[list[str]]]:
     text = _ITALIC.sub(r"\1", text.replace("\r\n", "\n"))
     if mode == "hash":
         chunks = re.split(r"^[ \t]*#[ \t]*$", text, flags=re.M)
-        poems = [_stanzas(c) for c in chunks]
+        poems = [stanzas(c) for c in chunks]
     elif mode == "file":
-        poems = [_stanzas(text)]
+        poems = [stanzas(text)]
     elif mode == "stanza":
-        poems = [[s] for s in _stanzas(text)]
+        poems = [[s] for s in stanzas(text)]
     else:  # caps: a stanza opening with a word in capitals starts a poem
         poems = []
-        for s in _stanzas(text):
+        for s in stanzas(text):
             if not poems or _CAPS_WORD.match(s[0]):
                 poems.append([])
             poems[-1].append(s)
     cleaned = []
     for poem in poems:
-        stanzas = [[ln for ln in s if not _is_heading(ln)] for s in poem]
-        stanzas = [s for s in stanzas if s]
-        if sum(len(s) for s in stanzas) >= 2:
-            cleaned.append(stanzas)
+        kept = [[ln for ln in s if not _is_heading(ln)] for s in poem]
+        kept = [s for s in kept if s]
+        if sum(len(s) for s in kept) >= 2:
+            cleaned.append(kept)
     return cleaned
 
 
@@ -219,13 +221,17 @@ def poetry_train(wheel: Path | None = None) -> list[Poem]:
 # ---------------------------------------------------------------------------------- files
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path, what: str = "training data") -> list[tuple[str, dict[str, Any]]]:
+    """(file:line, record) for each record of a JSONL file; one DataError line for a missing
+    or unreadable file, a line that is not JSON or not an object, or no record at all."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise DataError(f"training data not found: {path}") from None
+        raise DataError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise DataError(f"{what} is a folder, not a JSONL file: {path}") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read training data {path}: {e}") from None
+        raise DataError(f"cannot read {what} {path}: {e}") from None
     rows = []
     for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -236,10 +242,24 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
             raise DataError(f"{path}:{i}: not JSON ({e})") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}:{i}: expected an object, got {type(row).__name__}")
-        rows.append(row)
+        rows.append((f"{path}:{i}", row))
     if not rows:
-        raise DataError(f"training data {path} holds no records")
+        raise DataError(f"{what} {path} holds no records")
     return rows
+
+
+def jsonl_pairs(path: Path, instruction_field: str, response_field: str,
+                what: str = "training data") -> list[Pair]:
+    """(instruction, response) pairs of any JSONL file, the two fields named; a record whose
+    fields are missing or not strings is one DataError line naming file:line."""
+    pairs = []
+    for at, row in read_jsonl(path, what):
+        ins, resp = row.get(instruction_field), row.get(response_field)
+        if not isinstance(ins, str) or not isinstance(resp, str):
+            raise DataError(f"{at}: needs string fields '{instruction_field}' and "
+                            f"'{response_field}'")
+        pairs.append((ins, resp))
+    return pairs
 
 
 def _lima_pair(row: dict[str, Any], where: str) -> Pair:
@@ -280,17 +300,10 @@ def load_pairs(data: Any) -> list[Pair]:
         pairs = [(p.instruction, p.text) for p in poetry_train()]
     else:
         path = data_path(data)
-        rows = _read_jsonl(path)
         if data.kind in LIMA_FILES:
-            pairs = [_lima_pair(r, f"{path}:{i}") for i, r in enumerate(rows, 1)]
+            pairs = [_lima_pair(r, at) for at, r in read_jsonl(path)]
         else:
-            pairs = []
-            for i, r in enumerate(rows, 1):
-                ins, resp = r.get(data.instruction_field), r.get(data.response_field)
-                if not isinstance(ins, str) or not isinstance(resp, str):
-                    raise DataError(f"{path}:{i}: needs string fields "
-                                    f"'{data.instruction_field}' and '{data.response_field}'")
-                pairs.append((ins, resp))
+            pairs = jsonl_pairs(path, data.instruction_field, data.response_field)
     pairs = [(i, r) for i, r in pairs if r.strip()]
     if not pairs:
         raise DataError(f"training data for '{data.kind}' holds no pairs with a response")
