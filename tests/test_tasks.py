@@ -153,10 +153,20 @@ def test_the_study_sets_with_stored_references_load():
     ('kind = "length"\nbins = "four"\ninstructions = "{qa}"\n', "bins"),
     ('reference = "tiny-nope"\ninstructions = {{ path = "{qa}", instruction_field = "prompt" }}\n',
      "did you mean tiny-"),
+    ('kind = "style_adherence"\ninstructions = {{ path = "{qa}", instruction_field = "prompt" }}\n'
+     'domain = {{ kind = "jsonl", path = "{empty}" }}\n', "holds no records"),
+    ('kind = "style_adherence"\ninstructions = {{ path = "{qa}", instruction_field = "prompt" }}\n'
+     'domain = {{ kind = "jsonl", path = "{blank}" }}\n', "is empty"),
+    ('kind = "ranking"\nk = 9\npairs = {{ kind = "jsonl", path = "{qa}", instruction_field = '
+     '"prompt", response_field = "answer" }}\n', "k = 9 needs at least 10 distinct pairs"),
+    ('kind = "ranking"\npairs = {{ kind = "jsonl", path = "{qa}", instruction_field = '
+     '"prompt", response_field = "answr" }}\n', "qa.jsonl:1: needs string fields"),
 ])
 def test_bad_task_files_get_one_line_and_exit_2(tiny_setup, qa_set, tmp_path, capsys, body,
                                                  message):
-    task = _write(tmp_path / "bad.toml", body.format(qa=qa_set))
+    empty = _write(tmp_path / "empty.jsonl", "\n")
+    blank = _jsonl(tmp_path / "blank.jsonl", [{"instruction": " ", "response": "x"}])
+    task = _write(tmp_path / "bad.toml", body.format(qa=qa_set, empty=empty, blank=blank))
     err = _one_line(capsys, ["run", "--registry", str(tiny_setup["registry"]), "--tasks",
                              str(task), "--results-dir", str(tiny_setup["results"])])
     assert message in err
