@@ -250,6 +250,41 @@ def _cmd_judge_agreement(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------ baseline / check
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from harness import report as rp
+
+    runs = [Path(r) for r in args.runs]
+    if len(runs) > 2:
+        raise ConfigError("report takes one run, or two to compare (RUN_A RUN_B)")
+    if args.format == "html":
+        if len(runs) == 2:
+            path = rp.write_report(runs[1], compare_with=runs[0], out=_out(args))
+        else:
+            path = rp.write_report(runs[0], out=_out(args))
+        print(path)
+        return 0
+    rows = rp.load_run(runs[-1], records=False).rows
+    if len(runs) == 2:
+        rows = rp.compare_rows(rp.load_run(runs[0], records=False).rows, rows)
+    text = rp.to_markdown(rows, compare=len(runs) == 2) if args.format == "md" \
+        else rp.to_csv(rows)
+    if args.out:
+        try:
+            Path(args.out).write_text(text, encoding="utf-8")
+        except OSError as e:
+            from harness.store import os_error
+
+            raise os_error(e, Path(args.out), "write") from None
+        print(args.out)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _out(args: argparse.Namespace) -> Path | None:
+    return Path(args.out) if args.out else None
+
+
 def _cmd_baseline(args: argparse.Namespace) -> int:
     from harness.regression import write_baseline
 
@@ -342,6 +377,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="results/<run-id>")
     p.add_argument("--out", help="output folder (default: <run_dir>/alpaca_eval)")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("report", help="re-render a run's report from its stored results",
+                       description="Re-render from stored results (no model or judge): HTML "
+                                   "(default), or the leaderboards as Markdown or CSV. Two runs "
+                                   "(RUN_A RUN_B) add run A's numbers and the delta.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="results/<run-id> (one, or two)")
+    p.add_argument("--format", choices=("html", "md", "csv"), default="html")
+    p.add_argument("--out", help="file to write (default: html into the run, md/csv to stdout)")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("baseline", help="write a regression baseline from a finished run")
     p.add_argument("run_dir", help="results/<run-id>")

@@ -1,14 +1,37 @@
-"""The HTML report: a Jinja2 template (results/report.html.j2) with autoescaping of all outputs."""
+"""The HTML report, rendered from a run's stored files alone (no model, no judge).
 
+`write_report(run_dir)` reads config.json, summary.json, tables/*.json, generations.jsonl and
+judgments.jsonl and renders results/report.html.j2 (Jinja2, every output autoescaped) into one
+self-contained file: a run header, per task its leaderboard, figures (inline SVG) and tables,
+and every conversation with the judge's verdict. The same stored results give the same bytes.
+`python -m harness report RUN [RUN_B]` re-renders, as HTML, Markdown or CSV, and compares two
+runs with a delta column.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from harness.configs import report_template
-from harness.registry import ModelSpec
+from harness.errors import DataError
+from harness.hashing import content_hash
 from harness.store import os_error
-from harness.tasks import GENERATING, STORED, Task
+
+#: Tables longer than this are shown collapsed.
+COLLAPSE_ROWS = 40
+#: Leaderboard columns (key, heading) of a head-to-head task, in order.
+LEADERBOARD = (("model", "variant"), ("n", "n"), ("win_rate", "win rate %"),
+               ("standard_error", "± SE"), ("ci", "95% CI"),
+               ("length_controlled_winrate", "LC win rate %"),
+               ("record", "wins / ties / losses"), ("mean_tokens", "mean tokens"),
+               ("eos_share", "ended on EOS %"))
 
 
 def _fmt(value: Any, digits: int = 1) -> str:
@@ -28,56 +51,215 @@ def render_report(context: dict[str, Any]) -> str:
     return env.get_template(template.name).render(**context)
 
 
-#: Tables longer than this are shown collapsed.
-COLLAPSE_ROWS = 40
+# --------------------------------------------------------------------------- stored run
 
 
-def _task_tables(tasks: list[Task], tables: dict[str, dict[str, list[dict]]],
-                 reference: str) -> list[dict[str, Any]]:
+@dataclass
+class StoredRun:
+    """Everything a finished run wrote, read back from its directory."""
+
+    run_dir: Path
+    config: dict[str, Any]
+    meta: dict[str, Any]
+    rows: list[dict[str, Any]]
+    tables: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
+    generations: list[Any] = field(default_factory=list)
+    judgments: list[Any] = field(default_factory=list)
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{what} not found: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"cannot read {what} {path}: {e}") from None
+
+
+def load_run(run_dir: Path, records: bool = True) -> StoredRun:
+    """A finished run's files; one DataError line if it is not a finished run."""
+    from harness.records import GenerationRecord, JudgmentRecord
+    from harness.store import RecordLog, by_row
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise DataError(f"run directory not found: {run_dir}")
+    config = _read_json(run_dir / "config.json", "run config")
+    summary = _read_json(run_dir / "summary.json", "run summary (is the run finished?)")
+    if not isinstance(summary, dict) or not isinstance(summary.get("rows"), list):
+        raise DataError(f"{run_dir}/summary.json holds no rows (re-run it)")
+    run = StoredRun(run_dir, config, summary.get("meta", {}), summary["rows"])
+    for task in config.get("tasks", []):
+        name = task["name"]
+        found = {}
+        for path in sorted((run_dir / "tables").glob(f"{name}.*.json")):
+            table = path.name[len(name) + 1:-len(".json")]
+            if "." not in table:
+                found[table] = _read_json(path, "table")
+        run.tables[name] = found
+    if records:
+        gens = run_dir / "generations.jsonl"
+        run.generations = list(RecordLog(gens, GenerationRecord, by_row)) if gens.exists() \
+            else []
+        judg = run_dir / "judgments.jsonl"
+        run.judgments = list(RecordLog(judg, JudgmentRecord, by_row)) if judg.exists() else []
+    return run
+
+
+# ----------------------------------------------------------------------------- context
+
+
+def _leaderboard(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
-    for task in tasks:
-        shown = []
-        for name, rows in tables.get(task.name, {}).items():
-            columns: list[str] = []
-            for r in rows:
-                columns += [k for k in r if k not in columns and k != "task"]
-            shown.append({"name": name, "rows": rows, "columns": columns,
-                          "collapsed": len(rows) > COLLAPSE_ROWS})
-        ref = task.reference_label or task.reference or (reference if task.judged else "")
-        out.append({"name": task.name, "kind": task.kind, "reference": ref, "tables": shown})
+    for r in rows:
+        ref = r.get("role") == "reference"
+        eos = r.get("eos_share")
+        out.append({
+            "model": r["model"], "role": r.get("role", "variant"), "n": r.get("n"),
+            "win_rate": None if ref else r.get("win_rate"),
+            "standard_error": None if ref else r.get("standard_error"),
+            "ci": "reference" if ref else f"{_fmt(r.get('ci_low'))} – {_fmt(r.get('ci_high'))}",
+            "length_controlled_winrate": None if ref else r.get("length_controlled_winrate"),
+            "record": "" if ref else
+            f"{r.get('n_wins')} / {r.get('n_draws')} / {r.get('n_wins_base')}",
+            "mean_tokens": r.get("mean_tokens"),
+            "eos_share": None if eos is None else 100 * eos})
     return out
 
 
-def write_report(run_dir: Path, config: dict, meta: dict, summary: list[dict],
-                 tasks: list[Task], specs: list[ModelSpec], generations: dict,
-                 judgments: dict, tables: dict | None = None) -> Path:
-    """Write run_dir/report.html: the summary, every task's tables and every conversation."""
+def _figures(task: dict[str, Any], tables: dict[str, list[dict[str, Any]]],
+             caps: dict[str, Any]) -> list[Any]:
+    from harness import figures
+
+    name, kind = task["name"], task["kind"]
+    summary = tables.get("summary", [])
+    out = []
+    if kind == "head_to_head":
+        reference = summary[0].get("reference", "the reference") if summary else ""
+        out.append(figures.win_rates(name, summary, reference))
+    elif kind == "length":
+        out.append(figures.lengths(name, tables.get("items", []), caps))
+        out.append(figures.length_bins(name, tables.get("by_length_bin", [])))
+    elif kind == "style_adherence":
+        out.append(figures.style_curve(name, tables.get("bins", [])))
+    elif kind == "ranking":
+        out.append(figures.ranking(name, summary))
+    return [f for f in out if f is not None]
+
+
+def _columns(rows: list[dict[str, Any]]) -> list[str]:
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols and k != "task"]
+    return cols
+
+
+def _conversations(run: StoredRun, task: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every instruction of a generating task with each variant's output and verdict."""
+    name = task["name"]
+    samples = run.tables.get(name, {}).get("instructions", [])
+    gens = {(g.model, g.instruction_id): g for g in run.generations if g.task == name}
+    judged = {(j.model, j.instruction_id): j for j in run.judgments if j.task == name}
+    models = [m["name"] for m in run.config.get("models", [])]
+    reference = task.get("reference") or run.config.get("reference")
+    out = []
+    for s in samples:
+        rows = []
+        stored = next((j.info.get("reference_output") for (m, i), j in judged.items()
+                       if i == s["id"] and isinstance((j.info or {}).get("reference_output"),
+                                                      str)), None)
+        if stored is not None:
+            label = next(j.generator_1 for (_, i), j in judged.items() if i == s["id"])
+            rows.append({"model": label, "role": "reference", "output": stored, "n_tokens": "",
+                         "finish_reason": "stored", "preference": None, "why": "", "info": ""})
+        for model in models:
+            g = gens.get((model, s["id"]))
+            if g is None:
+                continue
+            j = judged.get((model, s["id"]))
+            role = "reference" if model == reference and j is None and stored is None \
+                else "variant"
+            rows.append({"model": model, "role": role, "output": g.output,
+                         "n_tokens": g.n_tokens, "finish_reason": g.finish_reason,
+                         "preference": None if j is None else j.preference,
+                         "why": "" if j is None else j.raw,
+                         "info": "" if j is None or not j.info else json.dumps(
+                             {k: v for k, v in j.info.items() if k != "reference_output"},
+                             sort_keys=True)})
+        verdicts = sorted({_verdict(r["preference"]) for r in rows
+                           if r["preference"] is not None})
+        out.append({"task": name, "id": s["id"], "category": s.get("category", ""),
+                    "source": s.get("source", ""), "instruction": s["instruction"],
+                    "rows": rows, "verdicts": " ".join(verdicts)})
+    return out
+
+
+def _verdict(preference: float | None) -> str:
+    if preference is None:
+        return ""
+    return "win" if preference > 1.5 else ("loss" if preference < 1.5 else "tie")
+
+
+def _header(run: StoredRun) -> dict[str, Any]:
+    config, meta = run.config, run.meta
+    judge = config.get("judge", {})
+    seeds = sorted({m.get("decoding", {}).get("seed", 0) for m in config.get("models", [])})
+    return {
+        "run_id": meta.get("run_id", run.run_dir.name), "created": meta.get("created", ""),
+        "config_hash": content_hash(config), "harness_version": config.get("harness_version"),
+        "git_commit": meta.get("git_commit", ""), "packages": meta.get("packages", {}),
+        "judge": judge.get("name"), "judge_kind": judge.get("kind"),
+        "judge_params": json.dumps(judge.get("params", {}), sort_keys=True),
+        "template_hash": content_hash(judge.get("template", "")) if judge.get("template")
+        else "", "decoding_seeds": seeds, "tasks": config.get("tasks", []),
+        "reference": config.get("reference"),
+    }
+
+
+def context(run: StoredRun) -> dict[str, Any]:
+    """Everything the template shows, computed from the stored run."""
+    caps = {m["name"]: m.get("decoding", {}).get("max_new_tokens")
+            for m in run.config.get("models", [])}
+    tasks = []
     conversations = []
-    for task in tasks:
-        if task.kind not in GENERATING:
-            continue
-        for ins in task.instructions:
-            rows = []
-            if task.reference == STORED:
-                rows.append({"model": task.reference_label, "role": "reference",
-                             "output": ins.reference, "n_tokens": "", "finish_reason": "stored",
-                             "preference": None, "why": ""})
-            for spec in specs:
-                gen = generations[(task.name, spec.name, ins.id)]
-                judgment = judgments.get((task.name, spec.name, ins.id))
-                role = "reference" if spec.name == (task.reference or meta.get("reference")) \
-                    and task.judged else "variant"
-                rows.append({"model": spec.name, "role": role, "output": gen.output,
-                             "n_tokens": gen.n_tokens, "finish_reason": gen.finish_reason,
-                             "preference": judgment.preference if judgment else None,
-                             "why": judgment.raw if judgment else ""})
-            conversations.append({"task": task.name, "id": ins.id, "category": ins.category,
-                                  "instruction": ins.instruction, "rows": rows})
-    html = render_report({"meta": meta, "config": config, "summary": summary,
-                          "conversations": conversations,
-                          "task_tables": _task_tables(tasks, tables or {},
-                                                      meta.get("reference", ""))})
-    path = run_dir / "report.html"
+    for task in run.config.get("tasks", []):
+        tables = run.tables.get(task["name"], {})
+        summary = [r for r in run.rows if r.get("task") == task["name"]]
+        shown = [{"name": n, "rows": rows, "columns": _columns(rows),
+                  "collapsed": len(rows) > COLLAPSE_ROWS}
+                 for n, rows in tables.items() if n not in ("summary", "instructions")]
+        tasks.append({
+            "name": task["name"], "kind": task["kind"], "n": task.get("n"),
+            "source": task.get("source", ""),
+            "reference": (summary[0].get("reference") if summary and task["kind"] in (
+                "head_to_head", "length") else ""),
+            "leaderboard": _leaderboard(summary) if task["kind"] == "head_to_head" else [],
+            "summary": summary, "summary_columns": _columns(summary),
+            "figures": _figures(task, {**tables, "summary": summary}, caps),
+            "tables": shown})
+        if task["kind"] != "ranking":
+            conversations += _conversations(run, task)
+    models = [m["name"] for m in run.config.get("models", [])]
+    categories = sorted({c["category"] for c in conversations if c["category"]})
+    return {"meta": run.meta, "config": run.config, "header": _header(run),
+            "summary": run.rows, "tasks": tasks, "leaderboard_columns": LEADERBOARD,
+            "conversations": conversations, "models": models, "categories": categories}
+
+
+def write_report(run_dir: Path, compare_with: Path | None = None, out: Path | None = None
+                 ) -> Path:
+    """Render run_dir/report.html (or `out`) from the run's stored files; with compare_with,
+    run_dir/compare-<that run>.html, which also tables that run's headline numbers and the
+    delta. Returns the path."""
+    run = load_run(run_dir)
+    ctx = context(run)
+    if compare_with is not None:
+        ctx["comparison"] = compare_rows(load_run(compare_with, records=False).rows, run.rows)
+        ctx["compare_with"] = str(compare_with)
+    html = render_report(ctx)
+    default = "report.html" if compare_with is None else \
+        f"compare-{Path(compare_with).name}.html"
+    path = Path(out) if out is not None else Path(run_dir) / default
     tmp = path.with_suffix(".tmp")
     try:
         tmp.write_text(html, encoding="utf-8")
@@ -85,3 +267,61 @@ def write_report(run_dir: Path, config: dict, meta: dict, summary: list[dict],
     except OSError as e:
         raise os_error(e, path, "write") from None
     return path
+
+
+# ------------------------------------------------------------------- markdown, csv, compare
+
+#: The leaderboard's columns in Markdown and CSV: (key, heading).
+FLAT = (("task", "task"), ("kind", "kind"), ("model", "variant"), ("n", "n"),
+        ("headline", "result"))
+
+
+def _headline(row: dict[str, Any]) -> str:
+    if row.get("kind", "head_to_head") == "head_to_head":
+        if row.get("role") == "reference":
+            return "reference"
+        return (f"{_fmt(row.get('win_rate'))} ± {_fmt(row.get('standard_error'))} "
+                f"(LC {_fmt(row.get('length_controlled_winrate'))})")
+    from harness.cli import headline
+
+    return headline(row)
+
+
+def compare_rows(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of run B with run A's headline number beside them and the delta (B - A)."""
+    key = {"head_to_head": "win_rate", "length": "cap_share", "style_adherence":
+           "poem_share_nearest_bin", "ranking": "accuracy"}
+    old = {(r["task"], r["model"]): r for r in a}
+    out = []
+    for r in b:
+        k = key.get(r.get("kind", "head_to_head"), "win_rate")
+        before = old.get((r["task"], r["model"]), {}).get(k)
+        now = r.get(k)
+        delta = now - before if isinstance(now, int | float) and isinstance(
+            before, int | float) else None
+        out.append({**r, "metric": k, "before": before, "after": now, "delta": delta})
+    return out
+
+
+def to_markdown(rows: list[dict[str, Any]], compare: bool = False) -> str:
+    """The leaderboards as one Markdown table (with before/after/delta when comparing)."""
+    head = [h for _, h in FLAT] + (["metric", "run A", "run B", "delta"] if compare else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [str(r.get(k, "")) if k != "headline" else _headline(r) for k, _ in FLAT]
+        if compare:
+            cells += [r["metric"], _fmt(r["before"], 3), _fmt(r["after"], 3),
+                      "–" if r["delta"] is None else f"{r['delta']:+.3f}"]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    """The summary rows as CSV (every field; nested values as JSON)."""
+    cols = _columns(rows)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=["task", *cols], lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in r.items()})
+    return buf.getvalue()

@@ -589,6 +589,7 @@ def _analyse_one(task: Task, specs: Sequence[ModelSpec], reference: ModelSpec,
         task_rows, tables[task.name] = _head_to_head(task, specs, reference, generations,
                                                      judgments)
         rows.extend(task_rows)
+        tables[task.name]["instructions"] = instruction_rows(task)
         return
     if task.kind == "length":
         headline, tables[task.name] = _length(task, specs, reference, generations,
@@ -608,6 +609,49 @@ def _analyse_one(task: Task, specs: Sequence[ModelSpec], reference: ModelSpec,
                             **headline[spec.name]}))
     tables[task.name] = {"summary": [r for r in rows if r["task"] == task.name],
                          **tables[task.name]}
+    if task.kind in GENERATING:
+        tables[task.name]["instructions"] = instruction_rows(task)
+
+
+def instruction_rows(task: Task) -> list[dict[str, Any]]:
+    """A task's samples as a table (id, source, category, instruction) for the report."""
+    return [{"id": i.id, "source": i.source, "category": i.category,
+             "instruction": i.instruction} for i in task.instructions]
+
+
+#: Packages whose versions a run records (they change what a run computes).
+PACKAGES = ("torch", "transformers", "lm-eval", "peft", "numpy", "scikit-learn", "openai")
+
+
+def package_versions() -> dict[str, str]:
+    """The installed versions of the packages that shape a run's numbers."""
+    from importlib import metadata
+
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def git_commit() -> str:
+    """The checkout's commit (with '+dirty' for uncommitted changes), or '' outside git."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+                              capture_output=True, text=True, timeout=5)
+        if head.returncode != 0:
+            return ""
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True,
+                               timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return head.stdout.strip() + ("+dirty" if dirty else "")
 
 
 def write_tables(run_dir: Path, tables: dict[str, dict[str, list[dict[str, Any]]]]
@@ -711,13 +755,14 @@ def run(config: RunConfig) -> RunResult:
         stages["analyse"] = time.time() - t
         seconds = time.time() - start
         meta = {"run_id": run_id, "judge": judge.spec.name, "reference": reference.name,
+                "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                "git_commit": git_commit(), "packages": package_versions(),
                 "generated": n_gen, "judged": n_judged, "scored": n_scored,
                 "seconds": round(seconds, 1),
                 "stage_seconds": {k: round(v, 1) for k, v in stages.items()},
                 "analysis_seconds": task_seconds}
         _write_text(run_dir / "summary.json", canonical_json({"meta": meta, "rows": summary})
                     + "\n")
-        report = write_report(run_dir, resolved, meta, summary, tasks, specs, generations,
-                              judgments, tables)
+        report = write_report(run_dir)
     return RunResult(run_dir=run_dir, summary=summary, report_path=report, n_generated=n_gen,
                      n_judged=n_judged, seconds=seconds, n_scored=n_scored)

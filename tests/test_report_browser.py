@@ -1,7 +1,9 @@
 """The HTML report in a real browser (headless Chromium): it renders, and outputs stay text."""
 
+import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -36,7 +38,18 @@ def test_report_renders_in_chromium_and_escapes_outputs(tiny_setup, monkeypatch,
     assert 'data-model="tiny-base"' in dom and 'data-model="tiny-ref"' in dom
     assert dom.count('class="conversation"') == 6
     assert "<img" not in dom and "&lt;img src=x" in dom  # the output stayed text
-    shot = tmp_path / "report.png"
+    assert 'id="figure-tiny-win-rates"' in dom and "<svg" in dom  # the figure, inline
+    assert 'id="leaderboard-tiny"' in dom
+    # sorting runs in the browser: the address asks for the win-rate column, descending
+    sorted_dom = subprocess.run(
+        flags + ["--virtual-time-budget=3000", "--dump-dom",
+                 url + "#sort=leaderboard-tiny:2:desc"],
+        capture_output=True, text=True, timeout=120).stdout
+    board = sorted_dom.split('id="leaderboard-tiny"')[1].split("</table>")[0]
+    order = [chunk.split('"')[0] for chunk in board.split('data-model="')[1:]]
+    assert order == ["tiny-base", "tiny-ref"]  # the variant first, the reference ("–") last
+    assert 'data-dir="desc"' in board
+    shot = Path(os.environ.get("HARNESS_ARTIFACTS", tmp_path)) / "report.png"
     subprocess.run(flags + [f"--screenshot={shot}", "--window-size=1200,900", url],
                    capture_output=True, timeout=120)
     assert shot.exists() and shot.stat().st_size > 10_000
