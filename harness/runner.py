@@ -215,15 +215,21 @@ def fill(store: Store, wanted: Sequence[Wanted],
     """The shared loop: look each record up, compute the missing ones, store each as it is made.
 
     compute(todo) yields (index into todo, record) in any order; each record is stored at once.
+    A key wanted in several places (one prompt in two tasks) is computed once and relabelled.
     """
     out: dict[Where, Any] = {}
-    todo = []
+    todo: list[Wanted] = []
+    first: dict[str, int] = {}  # key -> its index in todo
+    again: dict[int, list[Wanted]] = {}  # index in todo -> later places wanting the same key
     for w in wanted:
         rec = store.lookup(w.key, w.labels)
-        if rec is None:
-            todo.append(w)
-        else:
+        if rec is not None:
             out[w.where] = rec
+        elif w.key in first:
+            again.setdefault(first[w.key], []).append(w)
+        else:
+            first[w.key] = len(todo)
+            todo.append(w)
     if not todo:
         return out, 0
     bar = _bar(len(todo), desc)
@@ -232,6 +238,8 @@ def fill(store: Store, wanted: Sequence[Wanted],
         for i, rec in compute(todo):
             store.add(rec)
             out[todo[i].where] = rec
+            for w in again.get(i, []):
+                out[w.where] = store.lookup(w.key, w.labels)
             made += 1
             bar.update(1)
     finally:

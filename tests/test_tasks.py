@@ -252,3 +252,16 @@ def test_tasks_all_skips_a_task_whose_reference_is_not_in_the_registry(tiny_setu
     assert "instructions_vs_instruction_tuned" not in names
     assert "instructions_vs_instruction_tuned: skipped" in capsys.readouterr().err
     assert {s.name for s in specs} == {"tiny-ref", "tiny-base"}
+
+
+def test_a_prompt_in_two_tasks_is_generated_and_judged_once(tiny_setup, tmp_path):
+    ins = tiny_setup["task"].parent / "ins.jsonl"
+    length = _write(tmp_path / "len.toml", f'name = "len"\nkind = "length"\n'
+                                           f'instructions = "{ins}"\n')
+    result = run(_config(tiny_setup, [tiny_setup["task"], length]))
+    assert result.n_generated == 12 and result.n_judged == 6  # not 24 and 12
+    gens = [json.loads(x) for x in (result.run_dir / "generations.jsonl").open()]
+    assert len(gens) == 24 and {g["task"] for g in gens} == {"tiny", "len"}  # both labelled
+    rows = {(r["task"], r["model"]): r for r in result.summary}
+    assert rows[("len", "tiny-base")]["win_rate"] == pytest.approx(
+        rows[("tiny", "tiny-base")]["win_rate"])
