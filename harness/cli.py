@@ -1,4 +1,4 @@
-"""Command line: `python -m harness run|list|export|leaderboard|judge-agreement`.
+"""Command line: `python -m harness run|merge|list|export|report|leaderboard|...`.
 
 Every handler lives here; the modules they call hold the work. Bad input of any kind (unknown
 name, malformed file, unreachable judge, unwritable directory) prints one line and exits 2.
@@ -30,6 +30,15 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def _shard(text: str) -> Any:
+    from harness.shards import parse_shard
+
+    try:
+        return parse_shard(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _fmt(value: Any, spec: str = ".1f") -> str:
@@ -106,11 +115,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
                        batch_size=args.batch_size,
                        results_dir=Path(args.results_dir) if args.results_dir else None,
                        run_id=args.run_id,
-                       registry_path=Path(args.registry) if args.registry else None)
+                       registry_path=Path(args.registry) if args.registry else None,
+                       shard=args.shard)
     result = run(config)
     print(f"report: {result.report_path}")
     print(f"generated {result.n_generated}, judged {result.n_judged}, scored "
           f"{result.n_scored}, {result.seconds:.1f} s")
+    if args.shard is not None:
+        print(f"shard {args.shard}: the tables cover this shard's samples only; merge the "
+              f"shards (python -m harness merge) for the run's results")
+    print(format_table(result.summary))
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from harness.merge import merge
+
+    if args.out and (args.run_id or args.results_dir):
+        raise ConfigError("merge: --out names the run directory; it cannot be combined with "
+                          "--run-id or --results-dir")
+    result = merge([Path(d) for d in args.dirs], out=_out(args), run_id=args.run_id,
+                   results_dir=Path(args.results_dir) if args.results_dir else None,
+                   allow_partial=args.allow_partial)
+    print(f"report: {result.report_path}")
+    print(f"merged {len(args.dirs)} shard directories into {result.run_dir}, "
+          f"{result.seconds:.1f} s")
     print(format_table(result.summary))
     return 0
 
@@ -367,7 +396,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results-dir", help="where runs go (default: results/ in the project)")
     p.add_argument("--run-id", help="name of the run directory (default: derived from config)")
     p.add_argument("--registry", help="a models.toml that replaces the built-in registry")
+    p.add_argument("--shard", type=_shard, metavar="i/N",
+                   help="run only shard i of N (0-based, 0 <= i < N), e.g. 0/4; samples are "
+                        "assigned by their instruction; `merge` combines the shards")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("merge", help="combine the shard runs of one config into one run",
+                       description="Union the records of shard run directories (run --shard "
+                                   "i/N) and recompute the tables, summary and report as the "
+                                   "unsharded run would, with no model or judge. Every shard "
+                                   "0..N-1 must be given unless --allow-partial.")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="shard run directories")
+    p.add_argument("--out", help="the merged run directory (default: RESULTS_DIR/RUN_ID)")
+    p.add_argument("--run-id", help="name of the merged run (default: the id the unsharded run "
+                                    "would have)")
+    p.add_argument("--results-dir", help="where the merged run goes (default: beside the first "
+                                         "shard)")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="merge an incomplete set of shards (a warning, and the run is marked "
+                        "partial) instead of refusing it")
+    p.set_defaults(func=_cmd_merge)
 
     p = sub.add_parser("list", help="registered variants, tasks and judges")
     p.add_argument("--registry", help="a models.toml that replaces the built-in registry")

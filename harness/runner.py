@@ -31,6 +31,7 @@ from harness.records import (
     score_key,
 )
 from harness.registry import ModelSpec, load_registry, reference_of, select_models
+from harness.shards import Shard, analyse_slice, select_samples, shard_field
 from harness.store import RunLock, Store, os_error
 from harness.tasks import GENERATING, STORED, Task, available_tasks, load_task
 from harness.tune_config import is_built, require_build
@@ -61,6 +62,7 @@ class RunConfig:
     results_dir: Path | None = None
     run_id: str | None = None
     registry_path: Path | None = None
+    shard: Shard | None = None
 
 
 @dataclass
@@ -99,7 +101,13 @@ def task_names(selection: Sequence[str]) -> list[str]:
 
 
 def resolve(config: RunConfig) -> tuple[list[ModelSpec], ModelSpec, list[Task], Judge]:
-    """Turn the request into specs, tasks and a judge; every reference variant is included.
+    """Turn the request into specs, tasks and a judge; every reference variant is included."""
+    specs, reference, tasks = resolve_tasks(config)
+    return specs, reference, tasks, get_judge(config.judge)
+
+
+def resolve_tasks(config: RunConfig) -> tuple[list[ModelSpec], ModelSpec, list[Task]]:
+    """Turn the request into specs and tasks (no judge); every reference variant is included.
 
     Under `--tasks all`, a task whose reference variant is not registered, or is a tuned variant
     not yet built, is skipped with a note; named explicitly, it is one line (the nearest names,
@@ -147,7 +155,7 @@ def resolve(config: RunConfig) -> tuple[list[ModelSpec], ModelSpec, list[Task], 
             if ref.name not in {s.name for s in specs}:
                 specs.append(_override_cap(ref, config.max_new_tokens))
         tasks.append(task)
-    return specs, reference, tasks, get_judge(config.judge)
+    return specs, reference, tasks
 
 
 def task_reference(task: Task, reference: ModelSpec) -> str | None:
@@ -382,12 +390,40 @@ def _shared_lm(spec: ModelSpec, specs: Sequence[ModelSpec], tokenizers: dict[str
 SCORE_CHUNK = 16
 
 
+def ranking_items(specs: Sequence[ModelSpec], tasks: Sequence[Task],
+                  keep: Callable[[str], bool] | None = None) -> dict[str, list[Any]]:
+    """Each ranking task's items (seeded; tuned variants' training pairs excluded), only those
+    whose instruction `keep` accepts when given (a shard)."""
+    ranking = [t for t in tasks if t.kind == "ranking"]
+    if not ranking:
+        return {}
+    from harness import ranking as rk
+
+    exclude = tuning_pairs(specs)
+    prepared = {}
+    for task in ranking:
+        opts = task.options.options
+        items = rk.build_items(rk.load_pool(opts), opts.n, opts.k, opts.seed,
+                               exclude=exclude if opts.exclude_tuning else set())
+        prepared[task.name] = [i for i in items if keep is None or keep(i.instruction)]
+    return prepared
+
+
+def mean_logprobs(task: Task, model: str, items: Sequence[Any],
+                  records: dict[Where, ScoreRecord]) -> list[list[float]]:
+    """One variant's mean per-token log-likelihood per candidate of each item of a task."""
+    return [[r.logprob / max(r.n_tokens, 1) for r in
+             (records[(task.name, model, f"{item.id}#{c}")] for c in range(len(item.candidates)))]
+            for item in items]
+
+
 def score_all(specs: Sequence[ModelSpec], tasks: Sequence[Task], store: Store,
               batch_size: int, tokenizers: dict[str, Any],
-              identities: dict[str, dict[str, Any]]
+              identities: dict[str, dict[str, Any]], keep: Callable[[str], bool] | None = None
               ) -> tuple[dict[str, dict[str, Any]], int]:
     """Ranking tasks: each variant's mean per-token log-likelihood of every candidate response
-    (through lm-eval's model interface), cached per (model, context, continuation).
+    (through lm-eval's model interface), cached per (model, context, continuation); with
+    `keep`, only the items whose instruction it accepts (a shard).
 
     Returns {task: {"items": [...], "scores": {variant: [[mean logprob per candidate]]}}}.
     """
@@ -398,12 +434,7 @@ def score_all(specs: Sequence[ModelSpec], tasks: Sequence[Task], store: Store,
         return {}, 0
     from harness import ranking as rk
 
-    exclude = tuning_pairs(specs)
-    prepared = {}
-    for task in ranking:
-        opts = task.options.options
-        prepared[task.name] = rk.build_items(rk.load_pool(opts), opts.n, opts.k, opts.seed,
-                                             exclude=exclude if opts.exclude_tuning else set())
+    prepared = ranking_items(specs, ranking, keep)
     out: dict[str, dict[str, Any]] = {t.name: {"items": prepared[t.name], "scores": {}}
                                       for t in ranking}
     made = 0
@@ -442,12 +473,8 @@ def score_all(specs: Sequence[ModelSpec], tasks: Sequence[Task], store: Store,
         got, n = fill(store, wanted, compute, f"score {spec.name}")
         made += n
         for task in ranking:
-            rows = []
-            for item in prepared[task.name]:
-                recs = [got[(task.name, spec.name, f"{item.id}#{c}")]
-                        for c in range(len(item.candidates))]
-                rows.append([r.logprob / max(r.n_tokens, 1) for r in recs])
-            out[task.name]["scores"][spec.name] = rows
+            out[task.name]["scores"][spec.name] = mean_logprobs(task, spec.name,
+                                                                prepared[task.name], got)
     return out, made
 
 
@@ -735,6 +762,11 @@ def run(config: RunConfig) -> RunResult:
         "judge": judge.spec.as_dict(), "limit": config.limit,
         "rules_token_resolution": rules_token_report(specs, tokenizers),
     }
+    keep = None
+    if config.shard is not None:  # the unsharded config, plus which shard this is
+        keep = config.shard.holds
+        resolved["shard"] = shard_field(config, dict(resolved))
+        tasks = [select_samples(t, keep) for t in tasks]
     run_id = config.run_id or "run-" + content_hash(resolved, 10)
     results_dir = Path(config.results_dir or default_results_dir())
     run_dir = results_dir / run_id
@@ -754,11 +786,12 @@ def run(config: RunConfig) -> RunResult:
         stages["judge"], t = time.time() - t, time.time()
         score_store = Store(results_dir, run_dir, "scores", ScoreRecord)
         scores, n_scored = score_all(specs, tasks, score_store, config.batch_size, tokenizers,
-                                     identities)
+                                     identities, keep)
         stages["score"], t = time.time() - t, time.time()
         task_seconds: dict[str, float] = {}
-        summary, tables = analyse_tasks(specs, reference, tasks, generations, judgments, scores,
-                                        task_seconds)
+        analyse = analyse_tasks if config.shard is None else analyse_slice
+        summary, tables = analyse(specs, reference, tasks, generations, judgments, scores,
+                                  task_seconds)
         write_tables(run_dir, tables)
         stages["analyse"] = time.time() - t
         seconds = time.time() - start
@@ -769,6 +802,9 @@ def run(config: RunConfig) -> RunResult:
                 "seconds": round(seconds, 1),
                 "stage_seconds": {k: round(v, 1) for k, v in stages.items()},
                 "analysis_seconds": task_seconds}
+        if config.shard is not None:
+            meta.update(shard=str(config.shard),
+                        base_config_hash=resolved["shard"]["base_config_hash"])
         _write_text(run_dir / "summary.json", canonical_json({"meta": meta, "rows": summary})
                     + "\n")
         report = write_report(run_dir)
