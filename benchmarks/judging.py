@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from harness.judging import Candidate, JudgeSpec, PairwiseItem  # noqa: E402
 
-TEST_SERVER = ROOT / "tests" / "test_llm_judge.py"
+TEST_SERVER = ROOT / "tests" / "tiny_server.py"
 
 
 def serve_stub(latency_s: float) -> None:

@@ -1,8 +1,9 @@
 """User-facing error tree: each error prints as one line and maps to an exit code.
 
 Fatal errors (bad config, unknown name, authentication, an unreachable endpoint) stop the run
-at once. The LLM judge retries transient faults itself (rate limits, timeouts, 5xx) with backoff
-and raises TransientJudgeError only once its retries are used up.
+at once. The LLM judge and the openai generation backend retry transient faults themselves (rate
+limits, timeouts, 5xx) with backoff and raise TransientJudgeError / TransientBackendError only
+once their retries are used up.
 """
 
 
@@ -30,6 +31,16 @@ class JudgeError(HarnessError):
 
 class TransientJudgeError(JudgeError):
     """A judge call kept failing in a way a later retry may fix (rate limit, 5xx, timeout)."""
+
+
+class BackendError(HarnessError):
+    """A generation backend failed in a way retrying will not fix (auth, bad request, an
+    unreachable server, a missing package or device)."""
+
+
+class TransientBackendError(BackendError):
+    """A generation server kept failing in a way a later retry may fix (rate limit, 5xx,
+    timeout) after its retries were used up."""
 
 
 def unknown_name(kind: str, name: str, known: list[str], hint: str = "") -> ConfigError:

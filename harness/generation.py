@@ -8,7 +8,7 @@ import json
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from harness.errors import WeightsError
@@ -40,6 +40,7 @@ class Generation:
     finish_reason: str
     batch_seconds: float
     batch_size: int
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 def model_eos_ids(model: Any = None, tokenizer: Any = None) -> list[int]:

@@ -4,7 +4,9 @@
 exactly as generation encodes a prompt (`harness.generation.encode_prompt`), the continuation is
 tokenized on its own (no special tokens) and appended, and one right-padded forward pass per
 batch scores every continuation token. `make_lm` also builds lm-eval's own `HFLM` for a variant
-without rules, so a task written against the `LM` interface runs on any model lm-eval loads.
+without rules, so a task written against the `LM` interface runs on any model lm-eval loads; and
+a variant with backend "lm-eval" is any model lm-eval's registry builds, generating through its
+`generate_until` and scored through its own `loglikelihood` (see the end of this module).
 
 The rules variant's likelihood. The rule-based model is a product of experts defined per
 decoding step: p(x_t | x_<t) ∝ p_base(x_t | x_<t) · softmax(r_t)(x_t), where the rule scores r_t
@@ -21,7 +23,8 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,7 +32,7 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.model import LM
 
 from harness.errors import ConfigError, DataError
-from harness.generation import LoadedModel, encode_prompt, load_model
+from harness.generation import Generation, LoadedModel, encode_prompt, load_model
 from harness.registry import ModelSpec
 from harness.rules import TokenResolution, combine, resolution_for
 from harness.rules_config import RulesConfig, eos_bonus
@@ -315,3 +318,266 @@ def loglikelihoods(lm: LM, pairs: Sequence[tuple[str, str]]) -> list[tuple[float
         return []
     out = lm.loglikelihood(requests)
     return [(float(lp), bool(greedy)) for lp, greedy in out]
+
+
+# ------------------------------------------------------------------ the lm-eval backend
+#
+# A variant with backend = "lm-eval" is any model lm-eval's registry builds (hf, vllm,
+# local-completions, ...) from `lm_eval_model` and `model_args`. It generates through
+# `generate_until` (greedy unless the variant samples; max_gen_toks = max_new_tokens; until =
+# only the EOS string lm-eval adds itself) and the ranking task scores it through its
+# `loglikelihood`. One such model is kept loaded at a time (generation and scoring share it).
+
+_LOADED: dict[str, LM] = {}
+
+
+def _lm_key(spec: ModelSpec, batch_size: int) -> str:
+    from harness.hashing import canonical_json
+
+    o = spec.backend_options  # generation and scoring share the model at its first batch size
+    return canonical_json([o.lm_eval_model, o.model_args])
+
+
+def build_lm_eval_lm(spec: ModelSpec, batch_size: int = 8) -> LM:
+    """lm-eval's model for the variant (`get_model(name).create_from_arg_string(model_args)`),
+    with batch_size and, without CUDA, device=cpu unless model_args set them; kept loaded."""
+    from lm_eval.api.registry import get_model
+
+    from harness.backend_config import parse_model_args
+    from harness.errors import BackendError
+
+    key = _lm_key(spec, batch_size)
+    if key in _LOADED:
+        return _LOADED[key]
+    o = spec.backend_options
+    try:
+        cls = get_model(o.lm_eval_model)
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"{spec.name}: lm-eval has no model {o.lm_eval_model!r} "
+                          f"({_first_line(e)})") from None
+    args = parse_model_args(o.model_args)
+    extra: dict[str, Any] = {"batch_size": batch_size}
+    if not torch.cuda.is_available():
+        extra["device"] = "cpu"
+    extra = {k: v for k, v in extra.items() if k not in args}
+    _LOADED.clear()  # free the previous model first
+    try:
+        lm = cls.create_from_arg_string(o.model_args, extra)
+    except (OSError, ValueError, TypeError, ImportError, RuntimeError) as e:
+        raise BackendError(f"{spec.name}: lm-eval could not build {o.lm_eval_model!r} from "
+                           f"model_args: {_first_line(e)}") from None
+    _LOADED[key] = lm
+    return lm
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:300]
+
+
+def lm_eval_tokenizer(spec: ModelSpec) -> Any | None:
+    """The tokenizer of model_args' `tokenizer` (else `pretrained`), loaded with transformers for
+    prompts and token counts; None when there is none to load."""
+    from transformers import AutoTokenizer
+
+    from harness.backend_config import parse_model_args
+
+    args = parse_model_args(spec.backend_options.model_args)
+    source = args.get("tokenizer") or args.get("pretrained")
+    if not source:
+        return None
+    kwargs = {"revision": args["revision"]} if "revision" in args else {}
+    try:
+        tok = AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError):
+        return None
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def pretrained_fingerprint(spec: ModelSpec) -> str:
+    """Content identity of a local `pretrained` folder ("" for a hub id or none)."""
+    from pathlib import Path
+
+    from harness.backend_config import parse_model_args
+    from harness.weights import local_fingerprint
+
+    path = parse_model_args(spec.backend_options.model_args).get("pretrained", "")
+    if not path or not Path(path).expanduser().is_dir():
+        return ""
+    return local_fingerprint(ModelSpec(name=spec.name, source="local", path=path))
+
+
+@dataclass
+class LmEvalModel:
+    """A variant's lm-eval model, ready for generate_until and loglikelihood."""
+
+    spec: ModelSpec
+    lm: Any
+    tokenizer: Any = None
+
+
+def load_lm_eval_model(spec: ModelSpec, tokenizer: Any, batch_size: int = 16) -> LmEvalModel:
+    """The variant's lm-eval model (built once, shared with the ranking task's scoring)."""
+    return LmEvalModel(spec=spec, lm=build_lm_eval_lm(spec, batch_size), tokenizer=tokenizer)
+
+
+def _gen_kwargs(spec: ModelSpec) -> dict[str, Any]:
+    dec = spec.decoding
+    kwargs: dict[str, Any] = {"until": [], "max_gen_toks": dec.max_new_tokens,
+                              "do_sample": dec.do_sample}
+    if dec.do_sample:
+        kwargs.update(temperature=dec.temperature, top_p=dec.top_p)
+    else:
+        kwargs["temperature"] = 0.0
+    return kwargs
+
+
+def _generate_until(lm: Any, prompts: Sequence[str], gen_kwargs: dict[str, Any]
+                    ) -> tuple[list[str], list[list[int]] | None]:
+    """lm.generate_until over the prompts, and, where the model decodes its continuations through
+    `tok_decode` (lm-eval's hf model), each continuation's generated token ids (else None)."""
+    captured: list[list[int]] = []
+    own = "tok_decode" in vars(lm)
+    original = getattr(lm, "tok_decode", None)
+
+    def spy(tokens: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(tokens, list):
+            captured.append([int(t) for t in tokens])
+        return original(tokens, *args, **kwargs)
+
+    requests = [Instance(request_type="generate_until", doc={}, idx=i,
+                         arguments=(p, dict(gen_kwargs, until=list(gen_kwargs["until"]))))
+                for i, p in enumerate(prompts)]
+    if original is not None:
+        lm.tok_decode = spy
+    try:
+        outs = [str(o) for o in lm.generate_until(requests, disable_tqdm=True)]
+    finally:
+        if original is not None:
+            if own:
+                lm.tok_decode = original
+            else:
+                del lm.tok_decode
+    if original is None or len(captured) != len(prompts) or not hasattr(lm, "tok_encode"):
+        return outs, None
+    # lm-eval's Collator runs requests longest context first (ties by text): the order captured
+    order = sorted(range(len(prompts)), key=lambda i: (-len(lm.tok_encode(prompts[i])),
+                                                       prompts[i]))
+    tokens: list[list[int]] = [[] for _ in prompts]
+    for k, i in enumerate(order):
+        tokens[i] = captured[k]
+        if original(captured[k]) != outs[i]:  # not the continuation it returned: do not guess
+            return outs, None
+    return outs, tokens
+
+
+def lm_eval_generate(model: LmEvalModel, prompts: Sequence[str], batch_size: int = 8
+                     ) -> Iterator[tuple[int, Generation]]:
+    """Yield (index, Generation) through generate_until, batch_size prompts per call.
+
+    Token counts and EOS-versus-cap are exact where the generated ids are seen (lm-eval's hf
+    model); otherwise the output is re-encoded with the tokenizer and counts as capped when it
+    has max_new_tokens tokens (info["finish_reason_inferred"] says so).
+    """
+    import time
+
+    spec, lm, tok = model.spec, model.lm, model.tokenizer
+    cap = spec.decoding.max_new_tokens
+    gen_kwargs = _gen_kwargs(spec)
+    eos_ids = set(_lm_eos_ids(lm, tok))
+    encode = getattr(lm, "tok_encode", None)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    for start in range(0, len(order), max(1, batch_size)):
+        idx = order[start:start + batch_size]
+        if spec.decoding.do_sample:
+            torch.manual_seed(spec.decoding.seed + start)
+        t0 = time.perf_counter()
+        outs, tokens = _generate_until(lm, [prompts[i] for i in idx], gen_kwargs)
+        seconds = round(time.perf_counter() - t0, 3)
+        for row, i in enumerate(idx):
+            info: dict[str, Any] = {"backend": "lm-eval",
+                                    "lm_eval_model": spec.backend_options.lm_eval_model}
+            if tokens is not None:
+                gen = tokens[row]
+                end = next((k for k, t in enumerate(gen) if t in eos_ids), None)
+                n_tokens = len(gen) if end is None else end
+                finish = "length" if end is None else "eos"
+            else:
+                n_tokens = (len(tok(outs[row], add_special_tokens=False)["input_ids"])
+                            if tok is not None else len(outs[row].split()))
+                finish = "length" if n_tokens >= cap else "eos"
+                info["finish_reason_inferred"] = True
+            n_prompt = len(encode(prompts[i])) if encode is not None else (
+                len(tok(prompts[i])["input_ids"]) if tok is not None else 0)
+            yield i, Generation(output=outs[row].strip(), n_prompt_tokens=n_prompt,
+                                n_tokens=n_tokens, finish_reason=finish, batch_seconds=seconds,
+                                batch_size=len(idx), info=info)
+
+
+def _lm_eos_ids(lm: Any, tokenizer: Any) -> list[int]:
+    """EOS ids of an lm-eval model: its HF model's and tokenizer's, and lm-eval's eot id."""
+    from harness.errors import WeightsError
+    from harness.generation import model_eos_ids
+
+    model = getattr(lm, "model", None)
+    model = model if hasattr(model, "generation_config") else None
+    try:
+        ids = model_eos_ids(model, getattr(lm, "tokenizer", None) or tokenizer)
+    except (WeightsError, AttributeError):
+        ids = []
+    try:
+        eot = lm.eot_token_id
+    except (AttributeError, NotImplementedError, TypeError):
+        eot = None
+    return ids + ([int(eot)] if isinstance(eot, int) else [])
+
+
+def scoring_lms(spec: ModelSpec, group: Sequence[ModelSpec], tokenizer: Any,
+                batch_size: int = 8) -> dict[str, LM]:
+    """The lm-eval LMs that score a group of variants sharing weights and prompts: the
+    harness's own (HarnessLM, rules included) or, for backend lm-eval, lm-eval's model."""
+    if spec.backend == "lm-eval":
+        lm = build_lm_eval_lm(spec, batch_size)
+        from lm_eval.api.model import TemplateLM
+
+        if isinstance(lm, TemplateLM):
+            lm = ContextWhitespaceLM(lm)
+        return {s.name: lm for s in group}
+    return group_lms(load_model(spec, tokenizer), group, batch_size)
+
+
+class ContextWhitespaceLM(LM):
+    """An lm-eval TemplateLM whose loglikelihoods leave out the context's trailing whitespace,
+    which TemplateLM moves into the continuation (a chat prompt's final newline): each sum is
+    corrected by log p(whitespace | context without it), as harness.ranking.rank does for HFLM,
+    so the ranking task's per-token means cover the continuation's own tokens only."""
+
+    def __init__(self, inner: LM) -> None:
+        super().__init__()
+        self.inner = inner
+        self._shift: dict[str, float] = {}
+
+    def loglikelihood(self, requests: list[Instance],
+                      disable_tqdm: bool = True) -> list[tuple[float, bool]]:
+        """The inner model's (sum, is_greedy) with the whitespace term taken off the sum."""
+        from harness.ranking import _hf_whitespace
+
+        out = self.inner.loglikelihood(requests, disable_tqdm=True)
+        todo = [c for c in dict.fromkeys(r.args[0] for r in requests) if c not in self._shift]
+        if todo:
+            got = _hf_whitespace(self.inner, todo)
+            self._shift.update({c: got.get(c, 0.0) for c in todo})
+        return [(float(lp) - self._shift[r.args[0]], bool(greedy))
+                for (lp, greedy), r in zip(out, requests, strict=True)]
+
+    def loglikelihood_rolling(self, requests: list[Instance],
+                              disable_tqdm: bool = True) -> list[float]:
+        """The inner model's rolling log-likelihoods."""
+        return self.inner.loglikelihood_rolling(requests, disable_tqdm)
+
+    def generate_until(self, requests: list[Instance], disable_tqdm: bool = True) -> list[str]:
+        """The inner model's generations."""
+        return self.inner.generate_until(requests, disable_tqdm)

@@ -50,7 +50,11 @@ def score_key(model_identity: dict[str, Any], backend: str, context: str,
 
 @dataclass(frozen=True)
 class GenerationRecord:
-    """One variant's response to one instruction of a task, and how it was produced."""
+    """One variant's response to one instruction of a task, and how it was produced.
+
+    info: backend details where there are any (a server's usage and raw finish_reason, request
+    attempts and seconds); absent from the stored record when empty.
+    """
 
     key: str
     task: str
@@ -67,6 +71,7 @@ class GenerationRecord:
     batch_seconds: float = 0.0
     batch_size: int = 0
     created: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
 
     def labelled(self, task: str, model: str, instruction_id: str,
                  instruction: str) -> GenerationRecord:
@@ -166,6 +171,8 @@ def from_dict(cls: type[Record], data: Any) -> Record:
 def to_dict(record: Record) -> dict[str, Any]:
     """A record as a JSON-able dict (a NaN preference is stored as null)."""
     d = dataclasses.asdict(record)
+    if isinstance(record, GenerationRecord) and not d["info"]:
+        del d["info"]  # transformers records are stored as they always were
     if isinstance(record, JudgmentRecord) and isinstance(d["preference"], float) and \
             math.isnan(d["preference"]):
         d["preference"] = None

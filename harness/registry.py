@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.backend_config import ALL_FIELDS, BackendOptions, parse_backend
 from harness.configs import expect, read_toml, registry_files
 from harness.errors import ConfigError, unknown_name
 from harness.hashing import content_hash
@@ -45,7 +46,7 @@ class ModelSpec:
     """One registered variant: where its weights come from, how it is prompted and decoded."""
 
     name: str
-    source: str
+    source: str = ""
     description: str = ""
     role: str = "variant"
     enabled: bool = True
@@ -62,11 +63,20 @@ class ModelSpec:
     decoding: DecodingSpec = field(default_factory=DecodingSpec)
     rules: RulesConfig | None = None
     tune: TuneSpec | None = None
+    backend: str = "transformers"
+    backend_options: BackendOptions | None = None
 
     def weights_identity(self) -> dict[str, Any]:
         """What names the weights (not the variant): source plus checksum, id or path; for a
         tuned variant, its starting weights, recipe hash, data hash and build (see tune_config).
         """
+        if self.backend_options is not None and self.backend in ("openai", "lm-eval"):
+            return {**self.backend_options.identity(), "revision": self.revision}
+        if self.backend == "vllm":  # the same weights, another engine: never one loaded model
+            return {**self._local_weights_identity(), "engine": "vllm"}
+        return self._local_weights_identity()
+
+    def _local_weights_identity(self) -> dict[str, Any]:
         if self.tune is not None:
             return tuned_identity(self)
         if self.source == "pypi":
@@ -80,8 +90,16 @@ class ModelSpec:
         """Everything about the model that changes its output for a given prompt text.
 
         fingerprints: hashes of the loaded tokenizer and of local weights' files (see runner).
+        A server's or lm-eval's output identity is its backend identity (weights_identity: served
+        model name, endpoint, revision, extra request fields; or lm-eval's model and arguments)
+        with the decoding; the prompt text itself (system prompt included) is keyed beside it.
         """
-        return {"weights": self.weights_identity(), "dtype": self.dtype,
+        if self.backend in ("openai", "lm-eval"):
+            return {"weights": self.weights_identity(), "decoding": self.decoding.identity(),
+                    **(fingerprints or {})}
+        vllm = {} if self.backend_options is None else {
+            "backend": self.backend_options.identity()}
+        return {**vllm,"weights": self.weights_identity(), "dtype": self.dtype,
                 "decoding": self.decoding.identity(), "generation_version": GENERATION_VERSION,
                 "rules": None if self.rules is None else {**self.rules.as_dict(),
                                                           "version": RULES_VERSION},
@@ -99,6 +117,10 @@ class ModelSpec:
             del d["tune"]  # untuned variants' recorded specs (and run ids) stay as they were
         else:
             d["tune"] = {**self.tune.as_dict(), "recipe_hash": self.tune.recipe_hash()}
+        if self.backend_options is None:  # transformers variants' specs stay as they were
+            del d["backend"], d["backend_options"]
+        else:
+            d["backend_options"] = self.backend_options.as_dict()
         return d
 
 
@@ -128,8 +150,8 @@ def parse_decoding(table: Any, where: str) -> DecodingSpec:
 
 def _validate(name: str, entry: dict[str, Any], defaults: dict[str, Any]) -> ModelSpec:
     where = f"models.toml [models.{name}]"
-    known = set(ModelSpec.__dataclass_fields__) - {"name"}
-    unknown = set(entry) - known - {"base"}
+    known = set(ModelSpec.__dataclass_fields__) - {"name", "backend_options"}
+    unknown = set(entry) - known - {"base"} - ALL_FIELDS
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
     for k in _STR_FIELDS:
@@ -141,14 +163,19 @@ def _validate(name: str, entry: dict[str, Any], defaults: dict[str, Any]) -> Mod
         if k in entry and not (isinstance(expect(entry[k], list, where, k), list)
                                and all(isinstance(x, str) for x in entry[k])):
             raise ConfigError(f"{where}: {k} must be a list of strings")
+    options = parse_backend(entry, where)
+    backend = "transformers" if options is None else options.kind
     for k, choices in (("source", SOURCES), ("prompt_format", PROMPT_FORMATS), ("role", ROLES),
                        ("dtype", DTYPES)):
         value = entry.get(k, ModelSpec.__dataclass_fields__[k].default)
+        if k == "source" and "source" not in entry and backend in ("openai", "lm-eval"):
+            continue  # a server or lm-eval holds the weights
         if value not in choices:
             raise ConfigError(f"{where}: {k} must be one of {', '.join(choices)}, got {value!r}")
-    source = entry["source"]
+    _check_backend_fields(entry, backend, where)
+    source = entry.get("source", "")
     need = {"pypi": ("packages", "files", "sha256"), "hub": ("model_id",),
-            "local": ("path",)}[source]
+            "local": ("path",), "": ()}[source]
     missing = [k for k in need if not entry.get(k)]
     if missing:
         raise ConfigError(f"{where}: source '{source}' needs {', '.join(missing)}")
@@ -169,11 +196,28 @@ def _validate(name: str, entry: dict[str, Any], defaults: dict[str, Any]) -> Mod
     tune = entry.get("tune")
     if tune is not None:
         tune = parse_tune(tune, where)
-    fields = {k: v for k, v in entry.items() if k not in ("base", "decoding", "rules", "tune")}
+    fields = {k: v for k, v in entry.items()
+              if k not in ("base", "decoding", "rules", "tune", "backend") and k not in ALL_FIELDS}
     for k in ("packages", "files"):
         if k in fields:
             fields[k] = tuple(fields[k])
-    return ModelSpec(name=name, decoding=decoding, rules=rules, tune=tune, **fields)
+    return ModelSpec(name=name, decoding=decoding, rules=rules, tune=tune, backend=backend,
+                     backend_options=options, **fields)
+
+
+def _check_backend_fields(entry: dict[str, Any], backend: str, where: str) -> None:
+    """What a backend cannot do is one line: rules and tuning need the harness's own model
+    (transformers or vllm); lm-eval takes its weights from model_args, not source."""
+    if backend in ("openai", "lm-eval"):
+        if entry.get("rules") is not None:
+            raise ConfigError(f"{where}: rules need the model's logits at every step; use backend "
+                              f"\"transformers\" or \"vllm\", not {backend!r}")
+        if entry.get("tune") is not None:
+            raise ConfigError(f"{where}: a tune recipe builds local weights; backend {backend!r} "
+                              f"cannot run it")
+    if backend == "lm-eval" and "source" in entry:
+        raise ConfigError(f"{where}: backend 'lm-eval' takes its weights from model_args "
+                          f"(pretrained=...), not source")
 
 
 def _read_layer(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:

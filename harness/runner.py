@@ -155,6 +155,9 @@ def resolve_tasks(config: RunConfig) -> tuple[list[ModelSpec], ModelSpec, list[T
             if ref.name not in {s.name for s in specs}:
                 specs.append(_override_cap(ref, config.max_new_tokens))
         tasks.append(task)
+    from harness.backends import check_tasks
+
+    check_tasks(specs, [t.kind for t in tasks])
     return specs, reference, tasks
 
 
@@ -173,20 +176,14 @@ def reference_name(task: Task, reference: ModelSpec) -> str:
 def model_identities(specs: Sequence[ModelSpec], tokenizers: dict[str, Any]
                      ) -> dict[str, dict[str, Any]]:
     """Each variant's output identity: its spec's, plus its tokenizer and local weights hashes."""
-    from harness.generation import tokenizer_fingerprint
-    from harness.weights import CONVERSION_VERSION, local_fingerprint
+    from harness.backends import fingerprints
 
     by_weights: dict[str, dict[str, Any]] = {}
     out = {}
     for spec in specs:
         wid = canonical_json([spec.weights_identity(), spec.dtype])
         if wid not in by_weights:
-            prints = {"tokenizer": tokenizer_fingerprint(tokenizers[spec.name])}
-            if spec.source == "local":
-                prints["local_weights"] = local_fingerprint(spec)
-            if spec.source == "pypi" or spec.gguf_file:
-                prints["conversion"] = str(CONVERSION_VERSION)
-            by_weights[wid] = prints
+            by_weights[wid] = fingerprints(spec, tokenizers[spec.name])
         out[spec.name] = spec.output_identity(by_weights[wid])
     return out
 
@@ -264,7 +261,7 @@ def generate_all(specs: Sequence[ModelSpec], tasks: Sequence[Task], store: Store
                  identities: dict[str, dict[str, Any]]
                  ) -> tuple[dict[Where, GenerationRecord], int]:
     """Ensure every (task, variant, instruction) has a generation; return them and count made."""
-    from harness.generation import format_prompt, generate, load_model
+    from harness.backends import format_prompt, generate, load_model
 
     out: dict[Where, GenerationRecord] = {}
     made = 0
@@ -300,7 +297,7 @@ def generate_all(specs: Sequence[ModelSpec], tasks: Sequence[Task], store: Store
                     n_prompt_tokens=gen.n_prompt_tokens, n_tokens=gen.n_tokens,
                     finish_reason=gen.finish_reason, model_spec_hash=spec_hash,
                     decoding=decoding, batch_seconds=gen.batch_seconds,
-                    batch_size=gen.batch_size, created=_now())
+                    batch_size=gen.batch_size, created=_now(), info=gen.info)
 
         got, n = fill(store, wanted, compute, f"generate {spec.name}")
         out.update(got)
@@ -377,12 +374,11 @@ def _shared_lm(spec: ModelSpec, specs: Sequence[ModelSpec], tokenizers: dict[str
     """The variant's lm-eval LM; the first of its group loads the model once for the group
     (a base and its rules variants: one forward pass scores a request for all of them)."""
     if spec.name not in lms:
-        from harness.generation import load_model
-        from harness.lm_eval_model import group_lms
+        from harness.lm_eval_model import scoring_lms
 
         lms.clear()  # free the previous group's model first
         group = [s for s in specs if _scoring_group(s) == _scoring_group(spec)]
-        lms.update(group_lms(load_model(spec, tokenizers[spec.name]), group, batch_size))
+        lms.update(scoring_lms(spec, group, tokenizers[spec.name], batch_size))
     return lms[spec.name]
 
 
@@ -427,7 +423,7 @@ def score_all(specs: Sequence[ModelSpec], tasks: Sequence[Task], store: Store,
 
     Returns {task: {"items": [...], "scores": {variant: [[mean logprob per candidate]]}}}.
     """
-    from harness.generation import format_prompt
+    from harness.backends import format_prompt, scoring_backend
 
     ranking = [t for t in tasks if t.kind == "ranking"]
     if not ranking:
@@ -452,8 +448,8 @@ def score_all(specs: Sequence[ModelSpec], tasks: Sequence[Task], store: Store,
                 labels = {"task": task.name, "model": spec.name,
                           "instruction_id": f"{item.id}#{cand}"}
                 wanted.append(Wanted((task.name, spec.name, labels["instruction_id"]),
-                                     score_key(identities[spec.name], "harness", context,
-                                               continuation),
+                                     score_key(identities[spec.name], scoring_backend(spec),
+                                               context, continuation),
                                      labels, (context, continuation)))
 
         def compute(todo: list[Wanted], spec: ModelSpec = spec) -> Iterator[tuple[int, Any]]:
@@ -468,7 +464,7 @@ def score_all(specs: Sequence[ModelSpec], tasks: Sequence[Task], store: Store,
                                                       add_special_tokens=False)["input_ids"])
                     yield start + j, ScoreRecord(key=w.key, **w.labels, logprob=float(logprob),
                                                  n_tokens=n_tok, is_greedy=bool(greedy),
-                                                 created=_now())
+                                                 backend=scoring_backend(spec), created=_now())
 
         got, n = fill(store, wanted, compute, f"score {spec.name}")
         made += n
@@ -743,7 +739,7 @@ def _claim_run_dir(run_dir: Path, resolved: dict[str, Any]) -> None:
 
 def run(config: RunConfig) -> RunResult:
     """Run the whole path and write results/<run-id>/ (config, records, summary, report)."""
-    from harness.generation import load_tokenizer
+    from harness.backends import load_tokenizer
     from harness.report import write_report
 
     start = time.time()

@@ -1,8 +1,8 @@
 """Tests of the OpenAI-compatible LLM judge: faults, the AlpacaEval protocol, and real HTTP servers.
 
-Run as a script (`python tests/test_llm_judge.py serve-tiny-model DIR`) this file is also the
-small OpenAI-compatible server the end-to-end test starts: `transformers serve` ignores
-`logprobs`/`top_logprobs`, so it cannot exercise the log-probability path.
+The end-to-end tests run tests/tiny_server.py, a small OpenAI-compatible server of a tiny random
+model: `transformers serve` ignores `logprobs`/`top_logprobs`, so it cannot exercise the
+log-probability path.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import os
-import queue
 import shutil
 import signal
 import socket
@@ -20,12 +19,12 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import zipfile
 from pathlib import Path
 
 import httpx2
 import pytest
+import tiny_server as tiny_server_mod
 
 from harness import PROJECT_ROOT
 from harness.errors import ConfigError, HarnessError, JudgeError, TransientJudgeError
@@ -663,7 +662,7 @@ def test_ctrl_c_against_a_stalled_server_ends_the_process_at_once():
         assert time.monotonic() - t0 < 3.0, err  # was: 60 s for the requests to time out
         assert proc.returncode == 0 and "INTERRUPTED" in out, err
     finally:
-        _stop(proc)
+        tiny_server_mod.stop(proc)
 
 
 # ---------------------------------------------------------------- secrets echoed back
@@ -819,59 +818,19 @@ def test_real_alpaca_eval_template_is_fetched_and_parsed():
 # ---------------------------------------------------------------- real servers on 127.0.0.1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, deadline_s: float) -> None:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"server not healthy within {deadline_s}s")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @pytest.fixture(scope="module")
 def tiny_server(tmp_path_factory):
-    """This file run as a server of a tiny random model; yields (base_url, model_dir)."""
+    """tests/tiny_server.py serving the judge's tiny random model; yields (base_url, model_dir)."""
     model_dir = tmp_path_factory.mktemp("tiny") / "model"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TINY_SERVER_KEY": SECRET,
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT),
-                                                       os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen([sys.executable, __file__, "serve-tiny-model", str(model_dir)],
-                            stdout=subprocess.PIPE, text=True, env=env)
     try:
-        lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stdout],
-                         daemon=True).start()
-        try:
-            line = lines.get(timeout=120)
-        except queue.Empty:
-            pytest.fail("tiny model server did not start within 120 s")
-        assert line.startswith("PORT "), line
-        base = f"http://127.0.0.1:{int(line.split()[1])}"
-        _wait_healthy(base + "/health", proc, 30)
-        yield base + "/v1", model_dir
+        proc, base_url = tiny_server_mod.start(["serve-tiny-model", str(model_dir)],
+                                               {"TINY_SERVER_KEY": SECRET})
+    except RuntimeError as e:
+        pytest.fail(f"tiny model server: {e}")
+    try:
+        yield base_url, model_dir
     finally:
-        _stop(proc)
+        tiny_server_mod.stop(proc)
 
 
 def test_end_to_end_against_a_real_server_with_logprobs(tiny_server):
@@ -934,13 +893,13 @@ def test_end_to_end_against_transformers_serve_falls_back_to_text(tiny_server):
     """`transformers serve` ignores logprobs: the judge parses the text and says so."""
     pytest.importorskip("fastapi", reason="needs pip install 'transformers[serving]'")
     _, model_dir = tiny_server
-    port = _free_port()
+    port = tiny_server_mod.free_port()
     proc = subprocess.Popen(
         ["transformers", "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
          "--device", "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
-        _wait_healthy(f"http://127.0.0.1:{port}/health", proc, 120)
+        tiny_server_mod.wait_healthy(f"http://127.0.0.1:{port}/health", proc, 120)
         judge = llm_judge.build(JudgeSpec(name="ts", kind="openai", params={
             "model": str(model_dir), "base_url": f"http://127.0.0.1:{port}/v1",
             "api_key_env": "", "template": "templates/pairwise.txt",
@@ -955,132 +914,4 @@ def test_end_to_end_against_transformers_serve_falls_back_to_text(tiny_server):
             assert (math.isnan(j.preference) and math.isnan(want)) or j.preference == want
         assert any(not math.isnan(j.preference) for j in got.values())
     finally:
-        _stop(proc)
-
-
-# ---------------------------------------------------------------- the test server
-
-
-def make_tiny_model(model_dir: Path) -> None:
-    """Save a tiny random Llama with a byte-level BPE tokenizer (no hub). Its weights are random
-    except that the labels "A" and "B" are made likely, so both show up among the top 5."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(["the quick brown fox jumps over the lazy dog"], trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<s>", "</s>", "<pad>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
-                                  pad_token="<pad>")
-    tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>"
-                         "{% endfor %}{% if add_generation_prompt %}<s>assistant\n{% endif %}")
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                      max_position_embeddings=16384, bos_token_id=0, eos_token_id=1,
-                      pad_token_id=2, tie_word_embeddings=False, initializer_range=0.1)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():  # a constant direction in the residual stream that only A/B read
-        model.model.embed_tokens.weight[:, 0] = 20.0
-        model.lm_head.weight[:, 0] = 0.0
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight[0].zero_()
-            layer.mlp.down_proj.weight[0].zero_()
-        for label in ("A", "B"):
-            row = model.lm_head.weight[tok.convert_tokens_to_ids(label)]
-            row.normal_(0, 1)
-            row[0] = 3.0
-    tok.save_pretrained(model_dir)
-    model.save_pretrained(model_dir)
-
-
-def serve_tiny_model(model_dir: Path) -> None:
-    """Serve /v1/chat/completions (greedy, with real top log-probabilities) and /health."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not (model_dir / "config.json").exists():
-        make_tiny_model(model_dir)
-    torch.set_num_threads(1)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    lock = threading.Lock()
-    key = os.environ.get("TINY_SERVER_KEY", "")
-
-    def complete(body: dict) -> dict:
-        enc = tok.apply_chat_template(body["messages"], add_generation_prompt=True,
-                                      return_tensors="pt")
-        ids = enc if torch.is_tensor(enc) else enc["input_ids"]
-        n_prompt, content, out = ids.shape[1], [], []
-        for _ in range(int(body.get("max_tokens") or 16)):
-            with lock, torch.no_grad():
-                logp = torch.log_softmax(model(ids).logits[0, -1].float(), -1)
-            tid = int(logp.argmax())
-            top = torch.topk(logp, int(body.get("top_logprobs") or 1))
-
-            def entry(i, lp):
-                t = tok.decode([int(i)])
-                return {"token": t, "logprob": float(lp), "bytes": list(t.encode())}
-
-            content.append({**entry(tid, logp[tid]), "top_logprobs": [
-                entry(i, v) for v, i in zip(top.values, top.indices, strict=True)]})
-            out.append(tid)
-            ids = torch.cat([ids, torch.tensor([[tid]])], dim=1)
-            if tid == tok.eos_token_id:
-                break
-        choice = {"index": 0, "finish_reason": "length",
-                  "message": {"role": "assistant", "content": tok.decode(out)},
-                  "logprobs": {"content": content} if body.get("logprobs") else None}
-        return {"id": "tiny", "object": "chat.completion", "created": int(time.time()),
-                "model": body.get("model", "tiny"), "choices": [choice],
-                "usage": {"prompt_tokens": n_prompt, "completion_tokens": len(out),
-                          "total_tokens": n_prompt + len(out)}}
-
-    class Handler(BaseHTTPRequestHandler):
-        disable_nagle_algorithm = True
-
-        def send(self, status: int, obj: dict) -> None:
-            data = json.dumps(obj).encode()
-            self.send_response(status)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self):  # noqa: N802
-            self.send(200, {"status": "ok"}) if self.path == "/health" else self.send(404, {})
-
-        def do_POST(self):  # noqa: N802
-            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-            if self.path != "/v1/chat/completions":
-                return self.send(404, {"error": {"message": f"no route {self.path}"}})
-            if key and self.headers.get("authorization") != f"Bearer {key}":
-                return self.send(401, {"error": {"message": "Incorrect API key provided: "
-                                                 + self.headers.get("authorization", "")}})
-            self.send(200, complete(body))
-
-        def log_message(self, *args):
-            pass
-
-    class Server(ThreadingHTTPServer):
-        request_queue_size = 256  # listen backlog: the default 5 resets bursts of connects
-        daemon_threads = True
-
-    server = Server(("127.0.0.1", 0), Handler)
-    print(f"PORT {server.server_address[1]}", flush=True)
-    server.serve_forever()
-
-
-if __name__ == "__main__":
-    if sys.argv[1:2] == ["serve-tiny-model"]:
-        serve_tiny_model(Path(sys.argv[2]))
-    elif sys.argv[1:2] == ["make-tiny-model"]:
-        make_tiny_model(Path(sys.argv[2]))
-    else:
-        sys.exit("usage: test_llm_judge.py serve-tiny-model|make-tiny-model DIR")
+        tiny_server_mod.stop(proc)

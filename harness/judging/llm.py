@@ -361,8 +361,8 @@ class _RetryNotices:
     """Retry warnings kept to one line: rewritten in place when stderr is a terminal (then one
     summary line at the end), else logged once per kind of fault."""
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    def __init__(self, label: str) -> None:
+        self.label = label  # "judge NAME" or "model NAME": the start of every line
         self._lock = threading.Lock()
         self._counts: dict[str, int] = {}
         self._line_open = False
@@ -378,12 +378,12 @@ class _RetryNotices:
             self._counts[kind] = self._counts.get(kind, 0) + 1
             total = sum(self._counts.values())
             if _is_tty(sys.stderr):
-                line = f"judge {self.name}: {message} [{total} retries so far]"
+                line = f"{self.label}: {message} [{total} retries so far]"
                 width = max(20, shutil.get_terminal_size().columns - 1)
                 self._write("\r\x1b[K" + _one_line(line, width))
                 self._line_open = True
             elif self._counts[kind] == 1:
-                log.warning("judge %s: %s (further retries after %s are not reported)", self.name,
+                log.warning("%s: %s (further retries after %s are not reported)", self.label,
                             message, kind)
 
     def finish(self) -> None:
@@ -394,7 +394,7 @@ class _RetryNotices:
             self._line_open = False
             self._write("\r\x1b[K")
             kinds = ", ".join(f"{k} x{n}" for k, n in self._counts.items())
-            log.warning("judge %s: %d retries (%s)", self.name, sum(self._counts.values()), kinds)
+            log.warning("%s: %d retries (%s)", self.label, sum(self._counts.values()), kinds)
 
     @staticmethod
     def _write(text: str) -> None:
@@ -403,6 +403,181 @@ class _RetryNotices:
             sys.stderr.flush()
         except (OSError, ValueError, AttributeError):  # stderr closed or absent
             pass
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """An OpenAI-compatible endpoint as its client and retry rules see it (a judge's, or a
+    generation backend's): label starts every message ("judge NAME", "model NAME")."""
+
+    label: str
+    base_url: str
+    model: str
+    api_key_env: str
+    max_retries: int
+    timeout_s: float
+    backoff_s: float
+    max_backoff_s: float
+    fatal: type[Exception] = JudgeError
+    transient: type[Exception] = TransientJudgeError
+
+
+def make_client(endpoint: Endpoint, http_client: Any = None) -> Any:
+    """An openai client for the endpoint (its own retries off: post_with_retries does them); the
+    key is read from the environment variable the endpoint names, never from a file."""
+    import openai  # deferred: runs without an OpenAI-compatible endpoint never import it
+
+    env = endpoint.api_key_env
+    key = os.environ.get(env, "") if env else "no-key"
+    if not key:
+        raise ConfigError(f"{endpoint.label} reads its API key from the environment variable "
+                          f"{env}, which is not set")
+    return openai.OpenAI(api_key=key, base_url=endpoint.base_url, timeout=endpoint.timeout_s,
+                         max_retries=0, http_client=http_client)
+
+
+def endpoint_key(endpoint: Endpoint) -> str:
+    """The API key the endpoint's environment variable holds ("" when none), for masking."""
+    return os.environ.get(endpoint.api_key_env, "") if endpoint.api_key_env else ""
+
+
+def post_with_retries(endpoint: Endpoint, send: Any, check: Any, notices: _RetryNotices,
+                      stop: threading.Event, scrub: Any) -> tuple[dict[str, Any], int]:
+    """One request with bounded retries; returns the JSON body and the attempts used.
+
+    send() makes the request (a `with_raw_response` call); check(body) validates a parsed body.
+    Rate limits (408/409/425/429), 5xx, timeouts and dropped connections are retried with
+    exponential backoff (or Retry-After); 401/403, 404, other 4xx and a refused connection stop at
+    once with one line (endpoint.fatal) that never shows the key; retries used up raise
+    endpoint.transient. scrub(text) masks the key in anything shown.
+    """
+    import openai
+
+    where = _safe_url(endpoint.base_url)
+    label = endpoint.label
+    connect_failures = 0
+    for attempt in range(1, endpoint.max_retries + 2):
+        if stop.is_set():
+            raise _Stopped()
+        retry_after = None
+        try:
+            raw = send()
+            try:
+                body = json.loads(raw.text)
+            except ValueError:
+                reason, kind = f"malformed reply (not JSON) from {where}", "malformed reply"
+            else:
+                return check(body), attempt
+        except openai.APIStatusError as e:
+            if stop.is_set():
+                raise _Stopped() from None
+            status = e.status_code
+            if status in (401, 403):
+                who = (f"the key in ${endpoint.api_key_env}" if endpoint.api_key_env
+                       else "the request")
+                raise endpoint.fatal(f"{label}: {where} refused {who} (HTTP {status}); check "
+                                     f"the API key and its permissions") from None
+            if status == 404:
+                raise endpoint.fatal(f"{label}: {where} answered HTTP 404 for model "
+                                     f"{endpoint.model!r} (unknown model, or base_url lacks the "
+                                     f"API path): {_server_message(e, scrub)}") from None
+            if status not in _RETRYABLE_STATUS and status < 500:
+                raise endpoint.fatal(f"{label}: {where} rejected the request (HTTP {status}, "
+                                     f"model {endpoint.model!r}): {_server_message(e, scrub)}"
+                                     ) from None
+            reason = f"HTTP {status} from {where}: {_server_message(e, scrub)}"
+            kind = f"HTTP {status}"
+            retry_after = _retry_after(e.response.headers.get("retry-after"))
+        except openai.APITimeoutError:
+            if stop.is_set():
+                raise _Stopped() from None
+            reason, kind = f"no reply from {where} within {endpoint.timeout_s:g}s", "timeout"
+        except openai.APIConnectionError as e:
+            if stop.is_set():
+                raise _Stopped() from None
+            cause = e.__cause__ or e
+            detail = _safe_url(_one_line(str(cause) or type(cause).__name__))
+            if _cannot_connect(cause):  # refused, unknown host: fatal after a quick retry
+                connect_failures += 1
+                if connect_failures >= _CONNECT_ATTEMPTS or attempt > endpoint.max_retries:
+                    raise endpoint.fatal(f"{label}: cannot reach {where} ({scrub(detail)}); is "
+                                         f"the server running?") from None
+                if stop.wait(min(endpoint.backoff_s, _CONNECT_PAUSE_S)):
+                    raise _Stopped() from None
+                continue
+            reason, kind = f"connection to {where} lost ({detail})", "connection lost"
+        if attempt > endpoint.max_retries:
+            raise endpoint.transient(f"{label}: giving up after {attempt} attempt(s): "
+                                     f"{scrub(reason)}") from None
+        delay = min(endpoint.max_backoff_s, endpoint.backoff_s * 2 ** (attempt - 1))
+        delay = retry_after if retry_after is not None else random.uniform(delay / 2, delay)
+        delay = min(delay, endpoint.max_backoff_s)
+        notices.note(kind, f"{scrub(reason)}; retry {attempt}/{endpoint.max_retries} "
+                           f"in {delay:.2f}s")
+        if stop.wait(delay):
+            raise _Stopped()
+    raise AssertionError("unreachable")
+
+
+def _server_message(e: Any, scrub: Any) -> str:
+    body = getattr(e, "body", None)
+    if isinstance(body, dict):
+        body = body.get("error", body)
+        if isinstance(body, dict):
+            body = body.get("message") or body.get("detail") or body
+    return scrub(str(body) if body else type(e).__name__)
+
+
+def run_concurrently(n: int, work: Any, max_concurrency: int, name: str,
+                     on_abandon: Any = None) -> Iterator[tuple[int, Any]]:
+    """Yield (i, work(i, stop)) for i in range(n) as each completes, with at most max_concurrency
+    daemon threads in flight. A work item that fails for good stops new ones and its error is
+    raised here; stopping early (closing the generator, Ctrl-C, that error) returns at once,
+    abandoning requests in flight (on_abandon() is then called, e.g. to close the client)."""
+    if n <= 0:
+        return
+    stop = threading.Event()
+    todo: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for i in range(n):
+        todo.put(i)
+    done: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
+
+    def worker() -> None:
+        while not stop.is_set():
+            try:
+                i = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                done.put((i, work(i, stop)))
+            except _Stopped:
+                return
+            except BaseException as e:  # handed to the consumer, which raises it
+                stop.set()  # no new requests once one has failed for good
+                done.put((i, _Failed(e)))
+                return
+
+    for k in range(min(max_concurrency, n)):
+        threading.Thread(target=worker, name=f"{name}-{k}", daemon=True).start()
+    finished = False
+    try:
+        for _ in range(n):  # a worker that fails for good sends its error first
+            i, got = done.get()
+            if isinstance(got, _Failed):
+                raise got.error
+            yield i, got
+        finished = True
+    finally:
+        stop.set()
+        if not finished and on_abandon is not None:
+            on_abandon()
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """A work item's error, carried to the consumer (a result may itself be an exception)."""
+
+    error: BaseException
 
 
 class LLMJudge:
@@ -423,7 +598,12 @@ class LLMJudge:
         self._http_client = http_client
         self._client: Any = None
         self._client_lock = threading.Lock()
-        self._notices = _RetryNotices(spec.name)
+        self._notices = _RetryNotices(f"judge {spec.name}")
+        self.endpoint = Endpoint(
+            label=f"judge {spec.name}", base_url=config.base_url, model=config.model,
+            api_key_env=config.api_key_env, max_retries=config.max_retries,
+            timeout_s=config.timeout_s, backoff_s=config.backoff_s,
+            max_backoff_s=config.max_backoff_s)
 
     # -- public
 
@@ -436,28 +616,13 @@ class LLMJudge:
         if not items:
             return
         client = self._get_client()
-        stop = threading.Event()
-        todo: queue.SimpleQueue[int] = queue.SimpleQueue()
-        for i in range(len(items)):
-            todo.put(i)
-        done: queue.SimpleQueue[tuple[int, Judgment | BaseException]] = queue.SimpleQueue()
         self._notices.reset()
-        for k in range(min(self.config.max_concurrency, len(items))):
-            threading.Thread(target=self._work, args=(client, items, todo, done, stop),
-                             name=f"llm-judge-{k}", daemon=True).start()
-        finished = False
         try:
-            for _ in range(len(items)):  # a worker that fails for good sends its error first
-                i, got = done.get()
-                if isinstance(got, BaseException):
-                    raise got
-                yield i, got
-            finished = True
+            yield from run_concurrently(
+                len(items), lambda i, stop: self._judge_one(client, items[i], stop),
+                self.config.max_concurrency, "llm-judge", lambda: self._abandon(client))
         finally:
-            stop.set()
             self._notices.finish()
-            if not finished:
-                self._abandon(client)
 
     def judge_one(self, item: PairwiseItem) -> Judgment:
         """Judge a single item (synchronously)."""
@@ -486,35 +651,8 @@ class LLMJudge:
     def _get_client(self) -> Any:
         with self._client_lock:
             if self._client is None:
-                import openai  # deferred: heuristic-only runs never import it
-
-                env = self.config.api_key_env
-                key = os.environ.get(env, "") if env else "no-key"
-                if not key:
-                    raise ConfigError(f"judge {self.spec.name} reads its API key from the "
-                                      f"environment variable {env}, which is not set")
-                self._client = openai.OpenAI(
-                    api_key=key, base_url=self.config.base_url, timeout=self.config.timeout_s,
-                    max_retries=0, http_client=self._http_client)
+                self._client = make_client(self.endpoint, self._http_client)
             return self._client
-
-    def _work(self, client: Any, items: Sequence[PairwiseItem], todo: queue.SimpleQueue[int],
-              done: queue.SimpleQueue[tuple[int, Judgment | BaseException]],
-              stop: threading.Event) -> None:
-        """One worker thread: judge items from `todo` until none is left or `stop` is set."""
-        while not stop.is_set():
-            try:
-                i = todo.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                done.put((i, self._judge_one(client, items[i], stop)))
-            except _Stopped:
-                return
-            except BaseException as e:  # handed to the consumer, which raises it
-                stop.set()  # no new requests once one has failed for good
-                done.put((i, e))
-                return
 
     def _abandon(self, client: Any) -> None:
         """Close a client we made whose requests were given up, so a later call makes a new one
@@ -592,73 +730,9 @@ class LLMJudge:
     def _post(self, client: Any, kwargs: dict[str, Any],
               stop: threading.Event) -> tuple[dict[str, Any], int]:
         """One chat completion with bounded retries; returns the JSON body and the attempts used."""
-        import openai
-
-        cfg = self.config
-        where = _safe_url(cfg.base_url)
-        connect_failures = 0
-        for attempt in range(1, cfg.max_retries + 2):
-            if stop.is_set():
-                raise _Stopped()
-            retry_after = None
-            try:
-                raw = client.chat.completions.with_raw_response.create(**kwargs)
-                try:
-                    body = json.loads(raw.text)
-                except ValueError:
-                    reason, kind = f"malformed reply (not JSON) from {where}", "malformed reply"
-                else:
-                    return self._check_body(body), attempt
-            except openai.APIStatusError as e:
-                if stop.is_set():
-                    raise _Stopped() from None
-                status = e.status_code
-                if status in (401, 403):
-                    who = f"the key in ${cfg.api_key_env}" if cfg.api_key_env else "the request"
-                    raise JudgeError(f"judge {self.spec.name}: {where} refused {who} "
-                                     f"(HTTP {status}); check the API key and its permissions"
-                                     ) from None
-                if status == 404:
-                    raise JudgeError(f"judge {self.spec.name}: {where} answered HTTP 404 for "
-                                     f"model {cfg.model!r} (unknown model, or base_url lacks "
-                                     f"the API path): {self._server_message(e)}") from None
-                if status not in _RETRYABLE_STATUS and status < 500:
-                    raise JudgeError(f"judge {self.spec.name}: {where} rejected the request "
-                                     f"(HTTP {status}, model {cfg.model!r}): "
-                                     f"{self._server_message(e)}") from None
-                reason = f"HTTP {status} from {where}: {self._server_message(e)}"
-                kind = f"HTTP {status}"
-                retry_after = _retry_after(e.response.headers.get("retry-after"))
-            except openai.APITimeoutError:
-                if stop.is_set():
-                    raise _Stopped() from None
-                reason, kind = f"no reply from {where} within {cfg.timeout_s:g}s", "timeout"
-            except openai.APIConnectionError as e:
-                if stop.is_set():
-                    raise _Stopped() from None
-                cause = e.__cause__ or e
-                detail = _safe_url(_one_line(str(cause) or type(cause).__name__))
-                if _cannot_connect(cause):  # refused, unknown host: fatal after a quick retry
-                    connect_failures += 1
-                    if connect_failures >= _CONNECT_ATTEMPTS or attempt > cfg.max_retries:
-                        raise JudgeError(f"judge {self.spec.name}: cannot reach {where} "
-                                         f"({self._scrub(detail)}); is the server running?"
-                                         ) from None
-                    if stop.wait(min(cfg.backoff_s, _CONNECT_PAUSE_S)):
-                        raise _Stopped() from None
-                    continue
-                reason, kind = f"connection to {where} lost ({detail})", "connection lost"
-            if attempt > cfg.max_retries:
-                raise TransientJudgeError(f"judge {self.spec.name}: giving up after {attempt} "
-                                          f"attempt(s): {self._scrub(reason)}") from None
-            delay = min(cfg.max_backoff_s, cfg.backoff_s * 2 ** (attempt - 1))
-            delay = retry_after if retry_after is not None else random.uniform(delay / 2, delay)
-            delay = min(delay, cfg.max_backoff_s)
-            self._notices.note(kind, f"{self._scrub(reason)}; retry {attempt}/{cfg.max_retries} "
-                                     f"in {delay:.2f}s")
-            if stop.wait(delay):
-                raise _Stopped()
-        raise AssertionError("unreachable")
+        return post_with_retries(
+            self.endpoint, lambda: client.chat.completions.with_raw_response.create(**kwargs),
+            self._check_body, self._notices, stop, self._scrub)
 
     def _check_body(self, body: Any) -> dict[str, Any]:
         if isinstance(body, dict) and isinstance(body.get("choices"), list) and body["choices"]:
@@ -701,14 +775,6 @@ class LLMJudge:
         return _Reply(preference=pref, text=text, choice=choice, prompt_tokens=tokens[0],
                       completion_tokens=tokens[1], logprobs_used=logprobs_used, parse=parse,
                       note=note, attempts=attempts)
-
-    def _server_message(self, e: Any) -> str:
-        body = getattr(e, "body", None)
-        if isinstance(body, dict):
-            body = body.get("error", body)
-            if isinstance(body, dict):
-                body = body.get("message") or body.get("detail") or body
-        return self._scrub(str(body) if body else type(e).__name__)
 
     def _scrub(self, text: str) -> str:
         """One line with the API key (and anything key-like) masked."""

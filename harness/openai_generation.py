@@ -1,0 +1,158 @@
+"""The openai generation backend: any OpenAI-compatible server (vLLM, SGLang, TGI, llama.cpp).
+
+One request per prompt, max_concurrency in flight (threads), with the LLM judge's client, retry
+and error rules (harness.judging.llm): rate limits (429), 5xx, timeouts and dropped connections
+are retried with backoff; 401/403, 400, 404 and a refused connection stop the run at once with
+one line that never shows the key. Greedy decoding is temperature 0; sampling sends temperature,
+top_p and the seed. The chat endpoint receives the messages (the server applies its chat
+template); the completions endpoint receives the prompt text the harness formatted.
+
+finish_reason "length" means the cap was hit; anything else ("stop": EOS or a server-side stop
+token, "content_filter", ...) means the response ended on its own and is recorded as "eos", with
+the server's own reason, its usage and the attempts in the record's `info`. n_tokens is the
+server's completion_tokens (vLLM counts the EOS token: one more than the transformers backend
+for a response that ended on EOS); without usage, the local tokenizer's count, else words.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from harness.errors import BackendError, TransientBackendError
+from harness.generation import Generation
+from harness.judging.llm import (
+    Endpoint,
+    _mask,
+    _mask_data,
+    _one_line,
+    _RetryNotices,
+    _safe_url,
+    endpoint_key,
+    make_client,
+    post_with_retries,
+    run_concurrently,
+)
+from harness.registry import ModelSpec
+
+
+@dataclass(frozen=True)
+class OpenAIModel:
+    """A variant served by an OpenAI-compatible server; http_client lets tests fake the wire."""
+
+    spec: ModelSpec
+    tokenizer: Any = None
+    http_client: Any = None
+
+
+def endpoint_of(spec: ModelSpec) -> Endpoint:
+    """The variant's endpoint settings as the shared retry rules read them."""
+    o = spec.backend_options
+    return Endpoint(label=f"model {spec.name}", base_url=o.base_url, model=o.model,
+                    api_key_env=o.api_key_env, max_retries=o.max_retries, timeout_s=o.timeout_s,
+                    backoff_s=o.backoff_s, max_backoff_s=o.max_backoff_s, fatal=BackendError,
+                    transient=TransientBackendError)
+
+
+def request_kwargs(spec: ModelSpec, prompt: str) -> dict[str, Any]:
+    """The create() arguments for one prompt (messages JSON for chat, text for completions)."""
+    o, dec = spec.backend_options, spec.decoding
+    kwargs: dict[str, Any] = {"model": o.model, "max_tokens": dec.max_new_tokens}
+    if dec.do_sample:
+        kwargs.update(temperature=dec.temperature, top_p=dec.top_p, seed=dec.seed)
+    else:
+        kwargs["temperature"] = 0.0
+    if o.endpoint == "chat":
+        kwargs["messages"] = json.loads(prompt)
+    else:
+        kwargs["prompt"] = prompt
+    if o.extra_body:
+        kwargs["extra_body"] = dict(o.extra_body)
+    return kwargs
+
+
+def generate(model: OpenAIModel, prompts: Sequence[str]) -> Iterator[tuple[int, Generation]]:
+    """Yield (index, Generation) as each request completes, max_concurrency in flight."""
+    spec = model.spec
+    if not prompts:
+        return
+    endpoint = endpoint_of(spec)
+    key = endpoint_key(endpoint)
+    client = make_client(endpoint, model.http_client)
+    api = client.chat.completions if spec.backend_options.endpoint == "chat" \
+        else client.completions
+    notices = _RetryNotices(endpoint.label)
+
+    def scrub(text: str) -> str:
+        return _one_line(_mask(text, key), 300)
+
+    def check(body: Any) -> dict[str, Any]:
+        if isinstance(body, dict) and isinstance(body.get("choices"), list) and body["choices"] \
+                and isinstance(body["choices"][0], dict):
+            return body
+        err = body.get("error") if isinstance(body, dict) else None
+        msg = err.get("message", err) if isinstance(err, dict) else err
+        detail = f": {scrub(str(msg))}" if msg else ""
+        raise BackendError(f"{endpoint.label}: reply from {_safe_url(endpoint.base_url)} has no "
+                           f"choices{detail}")
+
+    def work(i: int, stop: threading.Event) -> Generation:
+        kwargs = request_kwargs(spec, prompts[i])
+        t0 = time.perf_counter()
+        body, attempts = post_with_retries(
+            endpoint, lambda: api.with_raw_response.create(**kwargs), check, notices, stop,
+            scrub)
+        return _generation(model, body, attempts, time.perf_counter() - t0, key)
+
+    def close() -> None:
+        if model.http_client is None:  # a client passed in is the caller's to close
+            client.close()
+
+    notices.reset()
+    finished = False
+    try:
+        yield from run_concurrently(len(prompts), work, spec.backend_options.max_concurrency,
+                                    "openai-generate", close)
+        finished = True
+    finally:
+        notices.finish()
+        if finished:
+            close()
+
+
+def _count(model: OpenAIModel, text: str) -> tuple[int, str]:
+    if model.tokenizer is not None:
+        return len(model.tokenizer(text, add_special_tokens=False)["input_ids"]), "tokenizer"
+    return len(text.split()), "words"
+
+
+def _generation(model: OpenAIModel, body: dict[str, Any], attempts: int, seconds: float,
+                key: str) -> Generation:
+    """A reply body as a Generation (the key, if a server echoed it, is masked)."""
+    choice = body["choices"][0]
+    if model.spec.backend_options.endpoint == "chat":
+        message = choice.get("message")
+        text = message.get("content") if isinstance(message, dict) else None
+    else:
+        text = choice.get("text")
+    text = text if isinstance(text, str) else ""
+    if len(key) >= 4:
+        text = text.replace(key, "***")
+    raw_finish = choice.get("finish_reason")
+    usage = body.get("usage") if isinstance(body.get("usage"), dict) else None
+    n_tokens = usage.get("completion_tokens") if usage else None
+    info: dict[str, Any] = {"backend": "openai", "finish_reason": raw_finish, "usage": usage,
+                            "attempts": attempts, "seconds": round(seconds, 4)}
+    if not isinstance(n_tokens, int) or isinstance(n_tokens, bool):
+        n_tokens, info["n_tokens_from"] = _count(model, text)
+    n_prompt = usage.get("prompt_tokens") if usage else None
+    if not isinstance(n_prompt, int) or isinstance(n_prompt, bool):
+        n_prompt = 0
+    return Generation(output=text.strip(), n_prompt_tokens=n_prompt, n_tokens=n_tokens,
+                      finish_reason="length" if raw_finish == "length" else "eos",
+                      batch_seconds=round(seconds, 3), batch_size=1,
+                      info=_mask_data(info, key))
