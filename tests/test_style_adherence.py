@@ -77,6 +77,7 @@ PROSE = ("The mitochondrion is the powerhouse of the cell. It produces ATP throu
          "mitochondria a cell would have far less energy to spend.")
 
 NOT_POEMS = {
+    "a loop of one line": "Explain to a curious 10-year-old how vaccines help the body.\n" * 9,
     "numbered list": "1. Preheat the oven to 180C\n2. Mix the flour and sugar\n3. Add two eggs\n"
                      "4. Bake for 25 minutes\n5. Let it cool",
     "numbered list, capitals": "1) Apples\n2) Pears\n3) Plums\n4) Cherries",
@@ -131,6 +132,20 @@ def test_lists_code_and_prose_are_not_poems(name):
     text = NOT_POEMS[name]
     assert poem_form.poem_score(text) < 0.1, (name, poem_form.features(text))
     assert not poem_form.is_poem(text)
+
+
+def test_loops_are_not_poems_but_refrains_are_kept():
+    """A base model's loop (a line or a question said over and over, chat markers between) is
+    short lines that "rhyme" with themselves; it must not count as verse. A refrain may."""
+    questions = ("How do you make a good first impression?\n<|assistant|>\n"
+                 "What is the best way to start a new job?\n<|assistant|>\n"
+                 "What is the best way to end a new job?\n<|assistant|>\n"
+                 "What is the best way to get feedback?\n<|assistant|>\n")
+    for loop in ("The city waking up in the morning\n" * 12, questions):
+        assert not poem_form.is_poem(loop), poem_form.poem_score(loop)
+        assert poem_form.repeated_share(loop) >= 0.35
+    refrain = POEM + "\n\n" + POEM.split("\n")[0]
+    assert poem_form.is_poem(refrain) and 0 < poem_form.repeated_share(refrain) < 0.2
 
 
 @pytest.mark.parametrize("text", [POEM, LIMERICK])
