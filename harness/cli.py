@@ -63,7 +63,10 @@ def headline(r: dict[str, Any]) -> str:
         return text
     if kind == "style_adherence":
         return (f"poems: nearest bin {_pct(r.get('poem_share_nearest_bin'))}, farthest "
-                f"{_pct(r.get('poem_share_farthest_bin'))}; adherence slope "
+                f"{_pct(r.get('poem_share_farthest_bin'))}; verse-shaped "
+                f"{_pct(r.get('verse_layout_share_nearest_bin'))} / "
+                f"{_pct(r.get('verse_layout_share_farthest_bin'))}; loops "
+                f"{_pct(r.get('loop_share'))}; adherence slope "
                 f"{_fmt(r.get('adherence_slope'), '+.3f')} "
                 f"[{_fmt(r.get('adherence_slope_ci_low'), '+.3f')}, "
                 f"{_fmt(r.get('adherence_slope_ci_high'), '+.3f')}]")

@@ -155,6 +155,10 @@ def style_curve(task: str, bins: Sequence[dict[str, Any]]) -> Figure | None:
                  if _ok(b.get("poem_share"))]
         ax2.plot([s[0] for s in share], [s[1] for s in share], marker="o",
                  color=colours[model], label=model)
+        verse = [(xi, b["verse_layout_share"] * 100) for xi, b in zip(x, mine, strict=True)
+                 if _ok(b.get("verse_layout_share"))]
+        ax2.plot([v[0] for v in verse], [v[1] for v in verse], linestyle="--", linewidth=1,
+                 color=colours[model])
     ax1.axhline(0, color="#888", linestyle=":", linewidth=1)
     ax1.set_xlabel("instruction similarity to the domain")
     ax1.set_ylabel("style adherence (embedding)")
@@ -168,7 +172,8 @@ def style_curve(task: str, bins: Sequence[dict[str, Any]]) -> Figure | None:
                   f"domain ({sum(per_bin)} instructions in {len(per_bin)} bins of "
                   f"{min(per_bin)}–{max(per_bin)}). Left: similarity of each response to the "
                   f"domain's responses minus that to general responses, mean and 95% bootstrap "
-                  f"interval; right: share of responses the poem-form score calls poems.")
+                  f"interval; right: share of responses the poem-form score calls poems "
+                  f"(solid) and share laid out as verse, degenerate loops included (dashed).")
 
 
 def ranking(task: str, rows: Sequence[dict[str, Any]]) -> Figure | None:

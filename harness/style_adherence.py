@@ -10,8 +10,12 @@ that similarity (the edges are computed once, the same for every variant; bin 0 
 farthest from the domain, the last bin the nearest). Each response gets
 - embedding_adherence: mean cosine to the domain's responses minus mean cosine to the general
   responses (LIMA's assistant responses), the study's measure;
-- poem_score and is_poem from harness.poem_form (layout only, no embeddings).
-Per variant and bin: means with seeded bootstrap intervals and the share of poems; per variant:
+- poem_score and is_poem from harness.poem_form (layout only, no embeddings);
+- verse_layout (laid out as verse, a degenerate loop included: poem_form.layout_score) and
+  loop (at least poem_form.LOOP_FULL of its word trigrams repeat), because a small model's
+  greedy loops are verse-shaped but are not poems, and the two tell different stories.
+Per variant and bin: means with seeded bootstrap intervals and the shares of poems, of
+verse-shaped responses and of loops; per variant:
 the OLS slope of adherence (and of poem_score) on instruction similarity, with a bootstrap
 interval over instructions. A blank response has no adherence (None) and poem_score 0.
 """
@@ -39,13 +43,15 @@ _OPTION_KEYS = ("bins", "poem_threshold", "bootstrap", "seed")
 BIN_COLUMNS = ("model", "bin", "similarity_low", "similarity_high", "similarity_mean", "n",
                "embedding_adherence", "embedding_adherence_ci_low",
                "embedding_adherence_ci_high", "poem_score", "poem_score_ci_low",
-               "poem_score_ci_high", "poem_share")
+               "poem_score_ci_high", "poem_share", "verse_layout_share", "loop_share")
 #: Columns of the "items" table (one row per variant and instruction).
 ITEM_COLUMNS = ("model", "id", "source", "category", "instruction_similarity", "bin",
-                "embedding_adherence", "poem_score", "is_poem")
+                "embedding_adherence", "poem_score", "is_poem", "verse_layout", "loop")
 #: Keys of each variant's headline.
 HEADLINE_KEYS = ("n", "bins", "poem_share", "poem_share_nearest_bin",
-                 "poem_share_farthest_bin", "adherence_nearest_bin", "adherence_farthest_bin",
+                 "poem_share_farthest_bin", "verse_layout_share_nearest_bin",
+                 "verse_layout_share_farthest_bin", "loop_share", "adherence_nearest_bin",
+                 "adherence_farthest_bin",
                  "mean_adherence", "adherence_slope", "adherence_slope_ci_low",
                  "adherence_slope_ci_high", "poem_score_slope", "poem_score_slope_ci_low",
                  "poem_score_slope_ci_high")
@@ -265,7 +271,7 @@ def analyse(items: Sequence[Item], outputs: Mapping[str, Sequence[str]], domain:
             general: Sequence[str], embedder: Embedder, options: StyleOptions
             ) -> dict[str, Any]:
     """Headline per variant and tables "bins" and "items" (see the module doc and *_COLUMNS)."""
-    from harness.poem_form import poem_score
+    from harness.poem_form import LOOP_FULL, layout_score, loop_share, poem_score
 
     if not items:
         raise DataError("style adherence: the task has no instructions")
@@ -306,7 +312,11 @@ def analyse(items: Sequence[Item], outputs: Mapping[str, Sequence[str]], domain:
     for variant, outs in outputs.items():
         adherence: list[float | None] = []
         scores: list[float] = []
+        verse: list[bool] = []
+        loops: list[bool] = []
         for o in outs:
+            verse.append(layout_score(o) >= options.poem_threshold)
+            loops.append(loop_share(o) >= LOOP_FULL)
             if o.strip():
                 v = vectors[row[o]]
                 adherence.append(float(v @ domain_resp - v @ general_c))
@@ -327,6 +337,9 @@ def analyse(items: Sequence[Item], outputs: Mapping[str, Sequence[str]], domain:
                 "embedding_adherence_ci_low": adh_lo, "embedding_adherence_ci_high": adh_hi,
                 "poem_score": ps, "poem_score_ci_low": ps_lo, "poem_score_ci_high": ps_hi,
                 "poem_share": _f(np.mean([poems[i] for i in members])) if members else None,
+                "verse_layout_share": (_f(np.mean([verse[i] for i in members])) if members
+                                       else None),
+                "loop_share": _f(np.mean([loops[i] for i in members])) if members else None,
             })
         bin_rows += per_bin
         a_slope, a_lo, a_hi = _slope_ci(sims, adherence, reps, seed)
@@ -336,6 +349,9 @@ def analyse(items: Sequence[Item], outputs: Mapping[str, Sequence[str]], domain:
             "n": len(outs), "bins": n_bins, "poem_share": _f(np.mean(poems)),
             "poem_share_nearest_bin": per_bin[-1]["poem_share"],
             "poem_share_farthest_bin": per_bin[0]["poem_share"],
+            "verse_layout_share_nearest_bin": per_bin[-1]["verse_layout_share"],
+            "verse_layout_share_farthest_bin": per_bin[0]["verse_layout_share"],
+            "loop_share": _f(np.mean(loops)),
             "adherence_nearest_bin": per_bin[-1]["embedding_adherence"],
             "adherence_farthest_bin": per_bin[0]["embedding_adherence"],
             "mean_adherence": _f(np.mean(valid)) if valid else None,
@@ -347,5 +363,6 @@ def analyse(items: Sequence[Item], outputs: Mapping[str, Sequence[str]], domain:
             item_rows.append({"model": variant, "id": it.id, "source": it.source,
                               "category": it.category, "instruction_similarity": _f(sims[i]),
                               "bin": index[i], "embedding_adherence": _f(adherence[i]),
-                              "poem_score": _f(scores[i]), "is_poem": poems[i]})
+                              "poem_score": _f(scores[i]), "is_poem": poems[i],
+                              "verse_layout": verse[i], "loop": loops[i]})
     return {"headline": headline, "tables": {"bins": bin_rows, "items": item_rows}}

@@ -135,17 +135,26 @@ def test_lists_code_and_prose_are_not_poems(name):
 
 
 def test_loops_are_not_poems_but_refrains_are_kept():
-    """A base model's loop (a line or a question said over and over, chat markers between) is
-    short lines that "rhyme" with themselves; it must not count as verse. A refrain may."""
+    """A small model's greedy loop (a line or phrase said over and over, chat markers between)
+    is short lines that "rhyme" with themselves; it is laid out as verse but is not a poem."""
     questions = ("How do you make a good first impression?\n<|assistant|>\n"
-                 "What is the best way to start a new job?\n<|assistant|>\n"
-                 "What is the best way to end a new job?\n<|assistant|>\n"
-                 "What is the best way to get feedback?\n<|assistant|>\n")
-    for loop in ("The city waking up in the morning\n" * 12, questions):
+                 "What is the best way to start a new job?\n<|assistant|>\n") * 4
+    city = "The city waking up in the morning\n" * 12
+    for loop in (city, questions):
         assert not poem_form.is_poem(loop), poem_form.poem_score(loop)
-        assert poem_form.repeated_share(loop) >= 0.35
-    refrain = POEM + "\n\n" + POEM.split("\n")[0]
-    assert poem_form.is_poem(refrain) and 0 < poem_form.repeated_share(refrain) < 0.2
+        assert poem_form.loop_veto(loop) == 1.0
+    assert poem_form.layout_score(city) >= 0.5  # verse-shaped all the same
+    refrain = POEM + "\n\n" + POEM.split("\n")[0] + "\n" + POEM.split("\n")[1]
+    assert poem_form.loop_veto(refrain) == 0.0
+    assert poem_form.is_poem(refrain) and poem_form.poem_score(refrain) == pytest.approx(
+        poem_form.layout_score(refrain))
+
+
+def test_no_corpus_poem_is_vetoed_as_a_loop(wheel):
+    from harness.tune_data import read_poems
+
+    shares = [poem_form.loop_share(p.text) for p in read_poems(wheel)]
+    assert len(shares) > 500 and max(shares) <= poem_form.LOOP_FREE
 
 
 @pytest.mark.parametrize("text", [POEM, LIMERICK])
@@ -223,6 +232,8 @@ def result():
     outputs = {
         "poet": [SEA_POEMS[i % 3] for i in range(len(NEAR))] + [PROSE_ANSWER] * len(FAR),
         "prose": [PROSE_ANSWER] * len(ITEMS),
+        "looper": ["The sea at night, the sea at night\n" * 10] * len(NEAR)
+        + [PROSE_ANSWER] * len(FAR),
     }
     return analyse(ITEMS, outputs, DOMAIN, GENERAL, FakeEmbedder(),
                    StyleOptions(bins=2, bootstrap=200))
@@ -238,6 +249,17 @@ def test_near_domain_poems_show_in_the_headline(result):
     assert prose["poem_share"] == 0.0 and prose["poem_share_nearest_bin"] == 0.0
     assert prose["poem_share_farthest_bin"] == 0.0
     assert abs(prose["poem_score_slope"]) < 1e-9
+    assert poet["loop_share"] == 0.0 and poet["verse_layout_share_nearest_bin"] == 1.0
+
+
+def test_a_loop_is_verse_shaped_but_not_a_poem(result):
+    looper = result["headline"]["looper"]
+    assert looper["poem_share_nearest_bin"] == 0.0
+    assert looper["verse_layout_share_nearest_bin"] == 1.0
+    assert looper["verse_layout_share_farthest_bin"] == 0.0
+    assert looper["loop_share"] == pytest.approx(len(NEAR) / len(ITEMS))
+    near = [r for r in result["tables"]["items"] if r["model"] == "looper" and r["bin"] == 1]
+    assert near and all(r["loop"] and r["verse_layout"] and not r["is_poem"] for r in near)
 
 
 def test_bins_share_edges_across_variants(result):
@@ -256,7 +278,7 @@ def test_bins_share_edges_across_variants(result):
 def test_tables_have_the_documented_columns_and_plain_values(result):
     assert all(tuple(r) == BIN_COLUMNS for r in result["tables"]["bins"])
     assert all(tuple(r) == ITEM_COLUMNS for r in result["tables"]["items"])
-    assert len(result["tables"]["items"]) == 2 * len(ITEMS)
+    assert len(result["tables"]["items"]) == 3 * len(ITEMS)
     for h in result["headline"].values():
         assert set(HEADLINE_KEYS) <= set(h)
     json.dumps(result, allow_nan=False)  # plain floats, no NaN
