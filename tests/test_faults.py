@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny import write_registry
+from tiny import sigint_default, write_registry
 
 from harness.cli import main
 from harness.errors import DataError
@@ -126,7 +126,7 @@ def test_sigint_saves_work_in_one_line_and_resumes_identically(setup, tmp_path):
     cmd = _cmd(setup["registry"], setup["task"], results, "--run-id", "r")
     env = _env(tmp_path / "cache")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)
     _wait_lines(results / "r" / "generations.jsonl", 5, proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)

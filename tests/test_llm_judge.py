@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx2
 import pytest
 import tiny_server as tiny_server_mod
+from tiny import sigint_default
 
 from harness import PROJECT_ROOT
 from harness.errors import ConfigError, HarnessError, JudgeError, TransientJudgeError
@@ -653,7 +654,8 @@ def test_ctrl_c_against_a_stalled_server_ends_the_process_at_once():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen([sys.executable, "-c", _INTERRUPT_CHILD], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=sigint_default)
     try:
         assert proc.stdout.readline().strip() == "STALLED"  # 4 requests in flight, unanswered
         t0 = time.monotonic()

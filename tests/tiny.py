@@ -82,3 +82,11 @@ def write_task(dir_: Path, n: int = 6) -> Path:
     (dir_ / "ins.jsonl").write_text("\n".join(lines) + "\n")
     (dir_ / "tiny.toml").write_text('name = "tiny"\ninstructions = "ins.jsonl"\n')
     return dir_ / "tiny.toml"
+
+
+def sigint_default() -> None:
+    """Popen preexec_fn: let the child see Ctrl-C even when the test runner ignores SIGINT (a
+    background job of a non-interactive shell does, and its children inherit that)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
