@@ -6,6 +6,7 @@ generations, and heuristic-style judgments against the stored outputs; then the 
 rendered from it as `python -m harness report` does, and loaded in headless Chromium.
 
     python benchmarks/report_size.py [--variants 10] [--instructions 805] [--keep DIR]
+    python benchmarks/report_size.py --run results/RUN_ID     # time a real run's report instead
 """
 
 from __future__ import annotations
@@ -15,14 +16,17 @@ import json
 import random
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from harness.cache import shared_data_dir
-from harness.hashing import canonical_json
-from harness.records import GenerationRecord, JudgmentRecord, to_dict
-from harness.report import write_report
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from harness.cache import shared_data_dir  # noqa: E402
+from harness.hashing import canonical_json  # noqa: E402
+from harness.records import GenerationRecord, JudgmentRecord, to_dict  # noqa: E402
+from harness.report import write_report  # noqa: E402
 
 
 def fabricate(run_dir: Path, n_variants: int, n_instructions: int) -> None:
@@ -82,25 +86,40 @@ def fabricate(run_dir: Path, n_variants: int, n_instructions: int) -> None:
           "instruction": r["instruction"]} for i, r in enumerate(rows)]))
 
 
-def chromium_load_seconds(path: Path, repeats: int = 3) -> float | None:
-    """Median wall time of headless Chromium loading the file and dumping its DOM."""
+PROBE = """<script>addEventListener("load", () => {
+  const nav = performance.getEntriesByType("navigation")[0];
+  const paint = performance.getEntriesByName("first-contentful-paint")[0];
+  const t = {dom: nav.domContentLoadedEventEnd, load: performance.now(),
+             paint: paint ? paint.startTime : null};
+  document.documentElement.innerHTML = "<body><pre id=probe>" + JSON.stringify(t) + "</pre>";
+});</script>"""
+
+
+def chromium_load_seconds(path: Path, repeats: int = 3) -> dict[str, float] | None:
+    """Median seconds to DOMContentLoaded, first contentful paint and the load event in headless
+    Chromium, read by a probe script appended to a copy of the report (the browser's own clock)."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         return None
-    times = []
-    with tempfile.TemporaryDirectory() as profile:
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = Path(tmp) / "probed.html"
+        probe.write_bytes(path.read_bytes() + PROBE.encode())
         flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                 f"--user-data-dir={profile}", "--dump-dom", path.as_uri()]
+                 f"--user-data-dir={tmp}/profile", "--dump-dom", probe.as_uri()]
         for _ in range(repeats):
-            start = time.perf_counter()
-            subprocess.run(flags, capture_output=True, timeout=300)
-            times.append(time.perf_counter() - start)
-        blank = Path(profile) / "blank.html"
-        blank.write_text("<!doctype html><title>x</title>")
-        start = time.perf_counter()
-        subprocess.run(flags[:-1] + [blank.as_uri()], capture_output=True, timeout=300)
-        floor = time.perf_counter() - start
-    return sorted(times)[len(times) // 2] - floor
+            out = subprocess.run(flags, capture_output=True, text=True, timeout=300).stdout
+            runs.append(json.loads(out.split("<pre id=\"probe\">")[1].split("</pre>")[0]))
+    return {k: sorted((r[k] or 0) / 1000 for r in runs)[len(runs) // 2]
+            for k in ("dom", "paint", "load")}
+
+
+def describe(load: dict[str, float] | None) -> str:
+    """The load figures as one phrase."""
+    if load is None:
+        return "no chromium to time the load"
+    return (f"Chromium: DOM ready {load['dom']:.2f} s, first paint {load['paint']:.2f} s, "
+            f"load event {load['load']:.2f} s")
 
 
 def main() -> None:
@@ -109,7 +128,17 @@ def main() -> None:
     parser.add_argument("--variants", type=int, default=10)
     parser.add_argument("--instructions", type=int, default=805)
     parser.add_argument("--keep", help="write the run here and keep it")
+    parser.add_argument("--run", help="re-render and time this existing run directory instead")
     args = parser.parse_args()
+    if args.run:
+        run_dir = Path(args.run).resolve()
+        start = time.perf_counter()
+        path = write_report(run_dir)
+        render = time.perf_counter() - start
+        load = chromium_load_seconds(path)
+        print(f"{run_dir}: report {path.stat().st_size / 1e6:.1f} MB, rendered in {render:.1f} s; "
+              + describe(load))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(args.keep) if args.keep else Path(tmp) / "run-bench"
         fabricate(run_dir, args.variants, args.instructions)
@@ -119,9 +148,7 @@ def main() -> None:
         size = path.stat().st_size
         load = chromium_load_seconds(path)
         print(f"{args.instructions} instructions x {args.variants} variants: report "
-              f"{size / 1e6:.1f} MB, rendered in {render:.1f} s, "
-              + (f"Chromium load {load:.2f} s (over a blank page)" if load is not None
-                 else "no chromium to time the load"))
+              f"{size / 1e6:.1f} MB, rendered in {render:.1f} s; " + describe(load))
 
 
 if __name__ == "__main__":
