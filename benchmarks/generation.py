@@ -1,18 +1,40 @@
-"""Tokens/s of the transformers backend at batch sizes 1, 8, 32, against the machine's ceiling.
+"""Tokens/s of the transformers backend against the machine's compute ceiling and against lm-eval.
 
-The ceiling is measured fp32 matmul GFLOP/s divided by 2 x parameters FLOP per token; the
-ratio says how close batched decoding gets to it. Run: python benchmarks/generation.py
+    python benchmarks/generation.py [--models A,B] [--batch-sizes 1,8,32,64] [--new-tokens 64]
+    HARNESS_KERNELS=plain python benchmarks/generation.py   # without the oneDNN output projection
+
+The ceiling is the measured fp32 matmul GFLOP/s (a 2048^3 GEMM with torch's threads) divided by
+2 x parameters FLOP per token. Per model and batch size, every row is held to the full length
+(EOS suppressed), so each counted token is a real one: no padding, no finished rows. Then the
+peer figure: the built-in instructions through lm-eval's HFLM `generate_until` and through the
+harness (default batch size), both stopping at EOS with the same cap, counting the tokens each
+response really has; the ratio is ours over lm-eval's.
 """
+
+from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from harness.generation import format_prompt, generate, load_model, load_tokenizer
-from harness.registry import load_registry
-from harness.tasks import load_task
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from harness import backends, kernels  # noqa: E402
+from harness.backend_config import BackendOptions  # noqa: E402
+from harness.generation import (  # noqa: E402
+    DEFAULT_BATCH_SIZE,
+    format_prompt,
+    generate,
+    load_model,
+    load_tokenizer,
+)
+from harness.registry import load_registry  # noqa: E402
+from harness.tasks import load_task  # noqa: E402
+from harness.weights import resolve_model_dir  # noqa: E402
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
@@ -25,7 +47,7 @@ def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def tokens_per_second(loaded, prompts: list[str], batch_size: int) -> float:
+def forced_tokens_per_second(loaded, prompts: list[str], batch_size: int) -> float:
     """Generated tokens per second for one batch of prompts, every row forced to full length."""
     start = time.perf_counter()
     n = sum(g.n_tokens for _, g in generate(loaded, prompts[:batch_size], batch_size,
@@ -33,15 +55,24 @@ def tokens_per_second(loaded, prompts: list[str], batch_size: int) -> float:
     return n / (time.perf_counter() - start)
 
 
+def natural(loaded, prompts: list[str], batch_size: int) -> tuple[float, int]:
+    """(seconds, real tokens) for all prompts, rows stopping at EOS or the cap."""
+    start = time.perf_counter()
+    got = list(backends.generate(loaded, prompts, batch_size))
+    return time.perf_counter() - start, sum(g.n_tokens for _, g in got)
+
+
 def main() -> None:
-    """Print tokens/s per model and batch size next to the compute ceiling."""
-    parser = argparse.ArgumentParser(description=__doc__)
+    """Print tokens/s per model and batch size next to the ceiling, then the lm-eval peer."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="smollm2-135m-instruct,gemma3-270m")
-    parser.add_argument("--batch-sizes", default="1,8,32")
+    parser.add_argument("--batch-sizes", default="1,8,32,64")
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--no-peer", action="store_true", help="skip the lm-eval comparison")
     args = parser.parse_args()
     gflops = matmul_gflops()
-    print(f"threads {torch.get_num_threads()}, fp32 matmul {gflops:.1f} GFLOP/s")
+    print(f"threads {torch.get_num_threads()}, fp32 matmul {gflops:.1f} GFLOP/s, output "
+          f"projection kernel {kernels.choose('float32')}")
     registry = load_registry()
     instructions = [i.instruction for i in load_task("instructions").instructions]
     print(f"{'model':<24} {'params':>8} {'ceiling tok/s':>14} {'batch':>6} {'tok/s':>8} "
@@ -50,15 +81,36 @@ def main() -> None:
         spec = registry[name]
         spec = dataclasses.replace(spec, decoding=dataclasses.replace(
             spec.decoding, max_new_tokens=args.new_tokens))
-        loaded = load_model(spec, load_tokenizer(spec))
+        tok = load_tokenizer(spec)
+        loaded = load_model(spec, tok)
         params = sum(p.numel() for p in loaded.model.parameters())
         ceiling = gflops * 1e9 / (2 * params)
-        prompts = [format_prompt(spec, loaded.tokenizer, x) for x in instructions]
-        tokens_per_second(loaded, prompts, 2)  # warm up
+        prompts = [format_prompt(spec, tok, x) for x in instructions]
+        while len(prompts) < max(int(b) for b in args.batch_sizes.split(",")):
+            prompts += prompts
+        forced_tokens_per_second(loaded, prompts, 2)  # warm up
         for bs in (int(b) for b in args.batch_sizes.split(",")):
-            tps = tokens_per_second(loaded, prompts, bs)
+            tps = forced_tokens_per_second(loaded, prompts, bs)
             print(f"{name:<24} {params / 1e6:>7.0f}M {ceiling:>14.1f} {bs:>6} {tps:>8.1f} "
                   f"{tps / ceiling:>10.2f}", flush=True)
+        if args.no_peer:
+            continue
+        prompts = prompts[:len(instructions)]
+        ours_s, ours_n = natural(loaded, prompts, DEFAULT_BATCH_SIZE)
+        del loaded
+        folder = resolve_model_dir(spec)
+        lm_spec = dataclasses.replace(
+            spec, name=f"{name}@lm-eval", backend="lm-eval", source="",
+            backend_options=BackendOptions(kind="lm-eval", lm_eval_model="hf",
+                                           model_args=f"pretrained={folder},dtype={spec.dtype},"
+                                                      f"batch_size={DEFAULT_BATCH_SIZE}"))
+        peer = backends.load_model(lm_spec, tok)
+        list(backends.generate(peer, prompts[:2], 2))  # warm up
+        peer_s, peer_n = natural(peer, prompts, DEFAULT_BATCH_SIZE)
+        print(f"{name:<24} {len(prompts)} instructions, stopping at EOS, cap {args.new_tokens}, "
+              f"batch {DEFAULT_BATCH_SIZE}: harness {ours_n / ours_s:.1f} tok/s ({ours_s:.1f} s), "
+              f"lm-eval HFLM generate_until {peer_n / peer_s:.1f} tok/s ({peer_s:.1f} s); "
+              f"ratio {(ours_n / ours_s) / (peer_n / peer_s):.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ backend details (server usage, raw finish reason) in `info`.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 from harness.errors import ConfigError
@@ -91,8 +91,11 @@ def load_model(spec: ModelSpec, tokenizer: Any, http_client: Any = None) -> Load
 
 
 def generate(loaded: Loaded, prompts: Sequence[str],
-             batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[tuple[int, Generation]]:
-    """Yield (index, Generation) for each prompt as the backend finishes it."""
+             batch_size: int = DEFAULT_BATCH_SIZE,
+             on_progress: Callable[[float], None] | None = None,
+             ) -> Iterator[tuple[int, Generation]]:
+    """Yield (index, Generation) for each prompt as the backend finishes it; the transformers
+    backend also reports the running batch's progress each step to on_progress."""
     from harness import generation
 
     backend = loaded.spec.backend
@@ -108,7 +111,7 @@ def generate(loaded: Loaded, prompts: Sequence[str],
         from harness.vllm_generation import vllm_generate
 
         return vllm_generate(loaded, prompts)
-    return generation.generate(loaded, prompts, batch_size)
+    return generation.generate(loaded, prompts, batch_size, on_progress=on_progress)
 
 
 def fingerprints(spec: ModelSpec, tokenizer: Any) -> dict[str, str]:

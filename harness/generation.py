@@ -7,10 +7,11 @@ its own, "length" when it hit max_new_tokens) and the batch's wall time.
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from harness import kernels
 from harness.errors import WeightsError
 from harness.hashing import content_hash
 from harness.registry import PLAIN_TEMPLATE, ModelSpec
@@ -120,6 +121,7 @@ def load_model(spec: ModelSpec, tokenizer: Any) -> LoadedModel:
     except (OSError, ValueError) as e:
         raise _load_error(spec, where, e) from None
     model.eval()
+    kernels.install(model, kernels.choose(spec.dtype))
     return LoadedModel(spec=spec, model=model, tokenizer=tokenizer,
                        eos_ids=tuple(model_eos_ids(model, tokenizer)))
 
@@ -161,12 +163,36 @@ def _logits_processors(loaded: LoadedModel, batch: Any) -> Any:
         batch["attention_mask"], eos_ids=loaded.eos_ids)])
 
 
+def _progress_criterion(report: Callable[[float], None], prompt_len: int, cap: int,
+                        eos_ids: Sequence[int]) -> Any:
+    """A stopping criterion that never stops: each step it reports the batch's progress in
+    responses (a finished row counts 1, a running one its share of the cap), so a progress bar
+    moves as tokens are made rather than once per batch."""
+    import torch
+    from transformers import StoppingCriteria
+
+    eos = torch.tensor(list(eos_ids))
+
+    class Progress(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            made = input_ids[:, prompt_len:]
+            ended = torch.isin(made, eos).any(dim=1)
+            running = int((~ended).sum())
+            report(int(ended.sum()) + running * min(1.0, made.shape[1] / max(cap, 1)))
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return Progress()
+
+
 def generate(loaded: LoadedModel, prompts: Sequence[str],
              batch_size: int = DEFAULT_BATCH_SIZE,
-             force_length: bool = False) -> Iterator[tuple[int, Generation]]:
+             force_length: bool = False,
+             on_progress: Callable[[float], None] | None = None,
+             ) -> Iterator[tuple[int, Generation]]:
     """Yield (index, Generation) for each prompt, batch by batch (prompts sorted by length).
 
-    force_length suppresses EOS until max_new_tokens (for benchmarks that need equal lengths).
+    force_length suppresses EOS until max_new_tokens (for benchmarks that need equal lengths);
+    on_progress(responses) hears, at every decoding step, how far the running batch has got.
     """
     import torch
 
@@ -193,6 +219,11 @@ def generate(loaded: LoadedModel, prompts: Sequence[str],
         procs = _logits_processors(loaded, batch)
         if procs is not None:
             kwargs["logits_processor"] = procs
+        if on_progress is not None:
+            from transformers import StoppingCriteriaList
+
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_progress_criterion(
+                on_progress, padded_len, dec.max_new_tokens, loaded.eos_ids)])
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = loaded.model.generate(**batch, **kwargs)

@@ -97,9 +97,15 @@ class ModelSpec:
         if self.backend in ("openai", "lm-eval"):
             return {"weights": self.weights_identity(), "decoding": self.decoding.identity(),
                     **(fingerprints or {})}
-        vllm = {} if self.backend_options is None else {
+        extra = {} if self.backend_options is None else {
             "backend": self.backend_options.identity()}
-        return {**vllm,"weights": self.weights_identity(), "dtype": self.dtype,
+        if self.backend == "transformers":
+            from harness.kernels import PLAIN, choose
+
+            kernel = choose(self.dtype)
+            if kernel != PLAIN:  # the plain kernel keeps the keys made before kernels existed
+                extra["kernel"] = kernel
+        return {**extra, "weights": self.weights_identity(), "dtype": self.dtype,
                 "decoding": self.decoding.identity(), "generation_version": GENERATION_VERSION,
                 "rules": None if self.rules is None else {**self.rules.as_dict(),
                                                           "version": RULES_VERSION},

@@ -80,8 +80,15 @@ class RunResult:
 
 def _bar(total: int, desc: str) -> tqdm:
     return tqdm(total=total, desc=desc, unit="item", file=sys.stderr, dynamic_ncols=True,
-                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total_fmt} "
                            "[{elapsed}<{remaining}, {rate_fmt}]")
+
+
+def _advance(bar: tqdm, n: float) -> None:
+    """Move the bar to n items (fractions allowed: a running batch's share of its work)."""
+    delta = min(float(n), float(bar.total)) - bar.n
+    if delta > 1e-9:
+        bar.update(delta)
 
 
 def _override_cap(spec: ModelSpec, max_new_tokens: int | None) -> ModelSpec:
@@ -215,12 +222,14 @@ class Wanted:
 
 
 def fill(store: Store, wanted: Sequence[Wanted],
-         compute: Callable[[list[Wanted]], Iterator[tuple[int, Any]]],
+         compute: Callable[[list[Wanted], Callable[[float], None]], Iterator[tuple[int, Any]]],
          desc: str) -> tuple[dict[Where, Any], int]:
     """The shared loop: look each record up, compute the missing ones, store each as it is made.
 
-    compute(todo) yields (index into todo, record) in any order; each record is stored at once.
-    A key wanted in several places (one prompt in two tasks) is computed once and relabelled.
+    compute(todo, tick) yields (index into todo, record) in any order; each record is stored at
+    once. tick(progress) may report, in items, how far the work in flight has got, so the bar
+    and its ETA move between records. A key wanted in several places (one prompt in two tasks)
+    is computed once and relabelled.
     """
     out: dict[Where, Any] = {}
     todo: list[Wanted] = []
@@ -238,15 +247,22 @@ def fill(store: Store, wanted: Sequence[Wanted],
     if not todo:
         return out, 0
     bar = _bar(len(todo), desc)
-    made = 0
+    made, inflight = 0, 0.0
+
+    def tick(progress: float) -> None:
+        nonlocal inflight
+        inflight = progress
+        _advance(bar, made + inflight)
+
     try:
-        for i, rec in compute(todo):
+        for i, rec in compute(todo, tick):
             store.add(rec)
             out[todo[i].where] = rec
             for w in again.get(i, []):
                 out[w.where] = store.lookup(w.key, w.labels)
             made += 1
-            bar.update(1)
+            inflight = max(0.0, inflight - 1)
+            _advance(bar, made + inflight)
     finally:
         bar.close()
     return out, made
@@ -280,7 +296,8 @@ def generate_all(specs: Sequence[ModelSpec], tasks: Sequence[Task], store: Store
                                      generation_key(identities[spec.name], prompt), labels,
                                      prompt))
 
-        def compute(todo: list[Wanted], spec: ModelSpec = spec) -> Iterator[tuple[int, Any]]:
+        def compute(todo: list[Wanted], tick: Callable[[float], None],
+                    spec: ModelSpec = spec) -> Iterator[tuple[int, Any]]:
             nonlocal last
             weights = canonical_json([spec.weights_identity(), spec.dtype])
             if last is not None and last[0] == weights:
@@ -290,7 +307,8 @@ def generate_all(specs: Sequence[ModelSpec], tasks: Sequence[Task], store: Store
                 loaded = load_model(spec, tokenizers[spec.name])
             last = (weights, loaded)
             spec_hash, decoding = spec.spec_hash(), dataclasses.asdict(spec.decoding)
-            for i, gen in generate(loaded, [w.payload for w in todo], batch_size):
+            for i, gen in generate(loaded, [w.payload for w in todo], batch_size,
+                                   on_progress=tick):
                 w = todo[i]
                 yield i, GenerationRecord(
                     key=w.key, **w.labels, prompt=w.payload, output=gen.output,
@@ -337,7 +355,7 @@ def judge_all(specs: Sequence[ModelSpec], reference: ModelSpec, tasks: Sequence[
                                      judgment_key(judge.spec, item), labels, item))
     spec_hash = content_hash(judge.spec.as_dict())
 
-    def compute(todo: list[Wanted]) -> Iterator[tuple[int, Any]]:
+    def compute(todo: list[Wanted], tick: Callable[[float], None]) -> Iterator[tuple[int, Any]]:
         for i, j in judge.judge([w.payload for w in todo]):
             info = j.info
             if todo[i].labels["generator_1"] not in names:  # a stored output: keep it for export
@@ -452,7 +470,8 @@ def score_all(specs: Sequence[ModelSpec], tasks: Sequence[Task], store: Store,
                                                context, continuation),
                                      labels, (context, continuation)))
 
-        def compute(todo: list[Wanted], spec: ModelSpec = spec) -> Iterator[tuple[int, Any]]:
+        def compute(todo: list[Wanted], tick: Callable[[float], None],
+                    spec: ModelSpec = spec) -> Iterator[tuple[int, Any]]:
             from harness.lm_eval_model import loglikelihoods
 
             lm = _shared_lm(spec, specs, tokenizers, batch_size, lms)

@@ -128,8 +128,8 @@ def test_report_escapes_model_outputs(tiny_setup, monkeypatch):
 
     real = generation.generate
 
-    def evil(loaded, prompts, batch_size=16):
-        for i, g in real(loaded, prompts, batch_size):
+    def evil(loaded, prompts, batch_size=16, **kw):
+        for i, g in real(loaded, prompts, batch_size, **kw):
             yield i, type(g)(**{**g.__dict__, "output": "<script>alert(1)</script> & co"})
 
     monkeypatch.setattr(generation, "generate", evil)

