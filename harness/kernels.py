@@ -3,8 +3,9 @@
 A decoding step multiplies a few rows (one per sequence in the batch) by the whole output
 projection. For gemma-3-270m that weight is 262,144 x 640 floats (671 MB) and half of every
 step: torch's dense path (MKL) re-reads and repacks it on every call, while oneDNN multiplies
-against a copy packed once at load (benchmarks/kernels.py: 328 -> 171 ms per step at batch 32;
-1.28x on a whole gemma batch, identical greedy outputs). Other layers gained nothing, so only
+against a copy packed once at load (on a 2-core AVX2 CPU: 328 -> 171 ms per call at batch 32;
+1.28x on a whole gemma+rules batch, identical greedy outputs; `benchmarks/generation.py` with
+and without ``HARNESS_KERNELS=plain``). The other layers' small matmuls gained nothing, so only
 the output projection changes. The kernel is part of a variant's output identity (rounding can
 differ), and ``HARNESS_KERNELS=plain`` turns it off, which restores the plain keys.
 """
