@@ -33,6 +33,7 @@ from harness.generation import (  # noqa: E402
     load_tokenizer,
 )
 from harness.registry import load_registry  # noqa: E402
+from harness.runner import override_cap  # noqa: E402
 from harness.tasks import load_task  # noqa: E402
 from harness.weights import resolve_model_dir  # noqa: E402
 
@@ -78,9 +79,7 @@ def main() -> None:
     print(f"{'model':<24} {'params':>8} {'ceiling tok/s':>14} {'batch':>6} {'tok/s':>8} "
           f"{'of ceiling':>10}")
     for name in args.models.split(","):
-        spec = registry[name]
-        spec = dataclasses.replace(spec, decoding=dataclasses.replace(
-            spec.decoding, max_new_tokens=args.new_tokens))
+        spec = override_cap(registry[name], args.new_tokens)
         tok = load_tokenizer(spec)
         loaded = load_model(spec, tok)
         params = sum(p.numel() for p in loaded.model.parameters())

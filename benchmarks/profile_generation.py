@@ -19,7 +19,6 @@ share of row-steps after a row's EOS; a padded batch computes them at full cost.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import sys
 import time
@@ -33,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from harness import generation  # noqa: E402
 from harness.registry import load_registry  # noqa: E402
+from harness.runner import override_cap  # noqa: E402
 from harness.tasks import load_task  # noqa: E402
 
 TIMES: dict[str, float] = defaultdict(float)
@@ -98,16 +98,10 @@ def python_share(loaded, prompts: list[str], batch: int) -> float:
     return max(0.0, 1 - in_ops / wall)
 
 
-def with_cap(spec, cap: int):
-    """The spec with another max_new_tokens."""
-    return dataclasses.replace(spec, decoding=dataclasses.replace(spec.decoding,
-                                                                  max_new_tokens=cap))
-
-
 def profile_model(name: str, batch: int, new_tokens: int, profile_tokens: int,
                   instructions: list[str]) -> None:
     """Generate one batch with timers and print the breakdown."""
-    spec = with_cap(load_registry()[name], new_tokens)
+    spec = override_cap(load_registry()[name], new_tokens)
     tok = generation.load_tokenizer(spec)
     loaded = generation.load_model(spec, tok)
     prompts = [generation.format_prompt(spec, tok, x) for x in instructions[:batch]]
@@ -115,7 +109,7 @@ def profile_model(name: str, batch: int, new_tokens: int, profile_tokens: int,
     start = time.perf_counter()
     plain = list(generation.generate(loaded, prompts, batch))
     wall_plain = time.perf_counter() - start
-    short = generation.LoadedModel(with_cap(spec, profile_tokens), loaded.model, tok,
+    short = generation.LoadedModel(override_cap(spec, profile_tokens), loaded.model, tok,
                                    loaded.eos_ids)
     py = python_share(short, prompts, batch)
     instrument(loaded.model)

@@ -95,7 +95,7 @@ PROBE = """<script>addEventListener("load", () => {
 });</script>"""
 
 
-def chromium_load_seconds(path: Path, repeats: int = 3) -> dict[str, float] | None:
+def chromium_load_seconds(path: Path, repeats: int = 3) -> dict[str, float | None] | None:
     """Median seconds to DOMContentLoaded, first contentful paint and the load event in headless
     Chromium, read by a probe script appended to a copy of the report (the browser's own clock)."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -110,16 +110,31 @@ def chromium_load_seconds(path: Path, repeats: int = 3) -> dict[str, float] | No
         for _ in range(repeats):
             out = subprocess.run(flags, capture_output=True, text=True, timeout=300).stdout
             runs.append(json.loads(out.split("<pre id=\"probe\">")[1].split("</pre>")[0]))
-    return {k: sorted((r[k] or 0) / 1000 for r in runs)[len(runs) // 2]
-            for k in ("dom", "paint", "load")}
+    out: dict[str, float | None] = {}
+    for k in ("dom", "paint", "load"):  # no paint entry: Chromium painted nothing contentful
+        got = sorted(r[k] / 1000 for r in runs if r[k] is not None)
+        out[k] = got[len(got) // 2] if got else None
+    return out
 
 
-def describe(load: dict[str, float] | None) -> str:
-    """The load figures as one phrase."""
+def describe(load: dict[str, float | None] | None) -> str:
+    """The load figures as one phrase ("–" where Chromium gave none)."""
     if load is None:
         return "no chromium to time the load"
-    return (f"Chromium: DOM ready {load['dom']:.2f} s, first paint {load['paint']:.2f} s, "
-            f"load event {load['load']:.2f} s")
+
+    def s(k: str) -> str:
+        return "–" if load[k] is None else f"{load[k]:.2f} s"
+
+    return f"Chromium: DOM ready {s('dom')}, first paint {s('paint')}, load event {s('load')}"
+
+
+def measure(run_dir: Path) -> str:
+    """Render the run's report as `python -m harness report` does; its size, render and load."""
+    start = time.perf_counter()
+    path = write_report(run_dir)
+    render = time.perf_counter() - start
+    return (f"report {path.stat().st_size / 1e6:.1f} MB, rendered in {render:.1f} s; "
+            + describe(chromium_load_seconds(path)))
 
 
 def main() -> None:
@@ -132,24 +147,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.run:
         run_dir = Path(args.run).resolve()
-        start = time.perf_counter()
-        path = write_report(run_dir)
-        render = time.perf_counter() - start
-        load = chromium_load_seconds(path)
-        print(f"{run_dir}: report {path.stat().st_size / 1e6:.1f} MB, rendered in {render:.1f} s; "
-              + describe(load))
+        print(f"{run_dir}: {measure(run_dir)}")
         return
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(args.keep) if args.keep else Path(tmp) / "run-bench"
         fabricate(run_dir, args.variants, args.instructions)
-        start = time.perf_counter()
-        path = write_report(run_dir)
-        render = time.perf_counter() - start
-        size = path.stat().st_size
-        load = chromium_load_seconds(path)
-        print(f"{args.instructions} instructions x {args.variants} variants: report "
-              f"{size / 1e6:.1f} MB, rendered in {render:.1f} s; " + describe(load))
-
+        print(f"{args.instructions} instructions x {args.variants} variants: {measure(run_dir)}")
 
 if __name__ == "__main__":
     main()

@@ -91,7 +91,8 @@ def _advance(bar: tqdm, n: float) -> None:
         bar.update(delta)
 
 
-def _override_cap(spec: ModelSpec, max_new_tokens: int | None) -> ModelSpec:
+def override_cap(spec: ModelSpec, max_new_tokens: int | None) -> ModelSpec:
+    """The spec with another max_new_tokens (None: unchanged)."""
     if max_new_tokens is None:
         return spec
     return dataclasses.replace(spec, decoding=dataclasses.replace(
@@ -123,9 +124,9 @@ def resolve_tasks(config: RunConfig) -> tuple[list[ModelSpec], ModelSpec, list[T
     registry = load_registry(config.registry_path)
     if config.max_new_tokens is not None and config.max_new_tokens < 1:
         raise ConfigError("--max-new-tokens must be positive")
-    specs = [_override_cap(s, config.max_new_tokens)
+    specs = [override_cap(s, config.max_new_tokens)
              for s in select_models(registry, config.models)]
-    reference = _override_cap(reference_of(registry), config.max_new_tokens)
+    reference = override_cap(reference_of(registry), config.max_new_tokens)
     if reference.name not in {s.name for s in specs}:
         specs.insert(0, reference)
     if config.limit is not None and config.limit < 1:
@@ -160,7 +161,7 @@ def resolve_tasks(config: RunConfig) -> tuple[list[ModelSpec], ModelSpec, list[T
                     continue
                 require_build(ref)
             if ref.name not in {s.name for s in specs}:
-                specs.append(_override_cap(ref, config.max_new_tokens))
+                specs.append(override_cap(ref, config.max_new_tokens))
         tasks.append(task)
     from harness.backends import check_tasks
 
