@@ -4,16 +4,17 @@
 
 (default models: smollm2-135m-instruct, gemma3-270m, gemma3-270m+rules)
 
-The batch runs once with wall-clock timers around each part of a decoding step (CPU work is
-synchronous, so a timer around a call is that call's cost): the linear layers, the output
-projection, attention (with the share of its keys that are left padding), the KV-cache update,
-the rest of the forward pass (norms, rotary embeddings, activations, masks, the model's own
-Python), the logits processors (the rules), the stopping check, and the generate loop outside
-the model (argmax, bookkeeping). The prefill (first forward pass) is split from the decode
-steps. Then torch.profiler runs a shorter batch (same prompts, --profile-tokens steps; the
-profiler's event store outgrows memory at 128) to give the share of wall time spent outside
-any tensor op: the Python overhead. Compute spent on rows that had already finished is the
-share of row-steps after a row's EOS; a padded batch computes them at full cost.
+The batch runs once through the slot decoder with wall-clock timers around each part of a
+decoding step (CPU work is synchronous, so a timer around a call is that call's cost): the
+linear layers, the output projection, attention (with the share of its keys that are left
+padding), the KV-cache update, the rest of the forward pass (norms, rotary embeddings,
+activations, masks, the model's own Python), the rules, and the decoding loop outside the model
+(argmax, dropping ended rows, joining new ones). Prefill passes (several tokens per row) are
+split from decode steps. Then torch.profiler runs a shorter batch (same prompts,
+--profile-tokens steps; the profiler's event store outgrows memory at 128) to give the share of
+wall time spent outside any tensor op: the Python overhead. Compute spent on rows that had
+already finished is the share of decode row-steps that made no token; the slot decoder drops a
+row the step it ends, so it should read 0 (``model.generate`` kept them: 31% for gemma+rules).
 """
 
 from __future__ import annotations
@@ -58,9 +59,11 @@ def _timed(part: str, fn):
 
 
 def instrument(model) -> None:
-    """Timers around the linear layers, output projection, attention, cache and processors."""
-    from transformers import LogitsProcessorList, StoppingCriteriaList, cache_utils
+    """Timers around the linear layers, output projection, attention, cache and the rules."""
+    from transformers import cache_utils
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from harness.rules import RulesRows
 
     head = model.get_output_embeddings()
     for module in model.modules():
@@ -70,19 +73,25 @@ def instrument(model) -> None:
 
     @functools.wraps(forward)
     def timed_forward(*args, **kwargs):
-        part = "prefill" if COUNTS["prefill"] == COUNTS["generate"] else "decode"
+        ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
+        part = "prefill" if ids.shape[1] > 1 else "decode"
+        TIMES["pad_keys"] += float((mask == 0).sum()) * ids.shape[1]
+        TIMES["all_keys"] += float(mask.numel()) * ids.shape[1]
+        if part == "decode":
+            TIMES["decode_rows"] += ids.shape[0]
+        else:
+            TIMES["prefill_rows"] += ids.shape[0]
         return _timed(part, forward)(*args, **kwargs)
 
     model.forward = timed_forward
-    model.generate = _timed("generate", model.generate)
     for name in list(ALL_ATTENTION_FUNCTIONS.keys()):
         ALL_ATTENTION_FUNCTIONS[name] = _timed("attention", ALL_ATTENTION_FUNCTIONS[name])
     for cls in (cache_utils.DynamicLayer, cache_utils.DynamicSlidingWindowLayer,
                 cache_utils.StaticLayer, cache_utils.StaticSlidingWindowLayer):
         if "update" in cls.__dict__:
             cls.update = _timed("kv_cache", cls.update)
-    LogitsProcessorList.__call__ = _timed("processors", LogitsProcessorList.__call__)
-    StoppingCriteriaList.__call__ = _timed("stopping", StoppingCriteriaList.__call__)
+    RulesRows.__call__ = _timed("processors", RulesRows.__call__)
+    RulesRows.consume = _timed("processors", RulesRows.consume)
 
 
 def python_share(loaded, prompts: list[str], batch: int) -> float:
@@ -118,28 +127,27 @@ def profile_model(name: str, batch: int, new_tokens: int, profile_tokens: int,
     start = time.perf_counter()
     gens = list(generation.generate(loaded, prompts, batch))
     wall = time.perf_counter() - start
-    assert [g.output for _, g in gens] == [g.output for _, g in plain]
+    assert dict((i, g.output) for i, g in gens) == dict((i, g.output) for i, g in plain)
     t = TIMES
     n_tok = sum(g.n_tokens for _, g in gens)
     steps = COUNTS["prefill"] + COUNTS["decode"]
     lens = [g.n_prompt_tokens for _, g in gens]
     padded = max(lens)
-    pad_keys = sum((padded - n) * steps for n in lens)
-    all_keys = sum(len(lens) * (padded + s) for s in range(steps))
-    finished = sum(steps - min(steps, g.n_tokens + 1) for _, g in gens) / (len(gens) * steps)
+    # each decode row-step should make a token (or the EOS that ends the row)
+    useful = sum(g.n_tokens + (g.finish_reason == "eos") for _, g in gens) - t["prefill_rows"]
+    finished = 1 - useful / max(1.0, t["decode_rows"])
     forward = t["prefill"] + t["decode"]
     named = t["linear"] + t["lm_head"] + t["attention"] + t["kv_cache"]
     rows = [
         ("matmuls (linear layers, not the output projection)", t["linear"]),
         ("output projection (lm_head)", t["lm_head"]),
-        (f"attention ({100 * pad_keys / all_keys:.0f}% of its keys are left padding)",
+        (f"attention ({100 * t['pad_keys'] / t['all_keys']:.0f}% of its keys are left padding)",
          t["attention"]),
         ("KV-cache update (torch.cat growth)", t["kv_cache"]),
         ("rest of the forward pass (norms, rotary, activations, masks, glue)", forward - named),
-        ("logits processors (rules)", t["processors"]),
-        ("stopping check", t["stopping"]),
-        ("generate loop outside the model (argmax, bookkeeping)",
-         wall - forward - t["processors"] - t["stopping"]),
+        ("the rules (scores and used-token state)", t["processors"]),
+        ("decoding loop outside the model (argmax, dropping and joining rows)",
+         wall - forward - t["processors"]),
     ]
     print(f"\n{name}: {len(gens)} prompts of {min(lens)}-{padded} tokens, {steps} forward passes, "
           f"{n_tok} real tokens: {n_tok / wall_plain:.1f} tok/s ({wall_plain:.1f} s) untimed, "

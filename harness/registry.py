@@ -21,7 +21,9 @@ PROMPT_FORMATS = ("chat_template", "plain")
 ROLES = ("reference", "variant")
 DTYPES = ("float32", "bfloat16", "float16")
 #: Bumped when the transformers backend changes how it turns a prompt into output text.
-GENERATION_VERSION = 1
+#: 2: the slot decoder (rows leave the batch as they end, new prompts join; sampling applies
+#: only the spec's temperature and top_p, not transformers' implicit top_k=50).
+GENERATION_VERSION = 2
 
 
 @dataclass(frozen=True)

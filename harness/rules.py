@@ -15,8 +15,10 @@ Rules (all constants live in `RulesConfig`):
    prompt and the response, ``diversity_scope="prompt+response"``; padding never counts).
 
 `RulesLogitsProcessor` is the batched, KV-cache-friendly implementation used inside
-``model.generate``; `reference_generate` is the study's straightforward version (batch size 1,
-no cache, r recomputed from scratch each step), kept for equivalence tests and benchmarks.
+``model.generate``; `RulesRows` keeps the same state per row for the slot decoder
+(`harness.slot_decoding`), where rows leave and join between steps; `reference_generate` is
+the study's straightforward version (batch size 1, no cache, r recomputed from scratch each
+step), kept for equivalence tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -230,6 +232,18 @@ def reference_generate(
     return response
 
 
+def static_scores(config: RulesConfig, resolution: TokenResolution, vocab: int,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """The part of r that never changes: the uniform token shifts [vocab] (zeros when off)."""
+    static = torch.zeros(vocab, dtype=torch.float32, device=device)
+    pairs = [(i, w) for i, w in zip(resolution.token_ids, resolution.weights, strict=True)
+             if i < vocab]
+    if config.uniform and pairs:
+        index = torch.tensor([i for i, _ in pairs], device=device)
+        static[index] = torch.tensor([w for _, w in pairs], device=device)
+    return static
+
+
 # ---------------------------------------------------------------------------------------------
 # The batched logits processor
 
@@ -293,13 +307,7 @@ class RulesLogitsProcessor(LogitsProcessor):
 
     def _static_scores(self, vocab: int, device: torch.device) -> torch.Tensor:
         if self._static is None or self._static.shape[0] != vocab or self._static.device != device:
-            static = torch.zeros(vocab, dtype=torch.float32, device=device)
-            pairs = [(i, w) for i, w in zip(self.resolution.token_ids, self.resolution.weights,
-                                            strict=True) if i < vocab]
-            if self.config.uniform and pairs:
-                index = torch.tensor([i for i, _ in pairs], device=device)
-                static[index] = torch.tensor([w for _, w in pairs], device=device)
-            self._static = static
+            self._static = static_scores(self.config, self.resolution, vocab, device)
             self._eos_index = torch.tensor(
                 [e for e in self.eos_ids if e < vocab], dtype=torch.long, device=device)
         return self._static
@@ -399,3 +407,59 @@ def build_processor(
         pad_token_id=pad,
         resolution=resolution_for(config, tokenizer, vocab),
     )
+
+
+class RulesRows:
+    """The rules for the slot decoder: the processor's state held per row, so that a row can
+    leave (`keep`) or join (`add`) between steps. Same arithmetic as `RulesLogitsProcessor`:
+    logits + (static - penalty·used) + the EOS bonus for each row's own length, renormalised.
+    """
+
+    def __init__(self, config: RulesConfig, resolution: TokenResolution,
+                 eos_ids: Sequence[int], vocab: int) -> None:
+        self.config = config
+        self.vocab = vocab
+        self._static = static_scores(config, resolution, vocab)
+        self._eos_index = torch.tensor([e for e in eos_ids if e < vocab], dtype=torch.long)
+        self._used = torch.zeros((0, vocab), dtype=torch.bool)
+        self._bias = torch.zeros((0, vocab), dtype=torch.float32)
+        self._n: list[int] = []  # response tokens so far, per row
+
+    def add(self, prompts: Sequence[Sequence[int]]) -> None:
+        """Rows for new prompts, after the live ones."""
+        used = torch.zeros((len(prompts), self.vocab), dtype=torch.bool)
+        if self.config.diversity and self.config.diversity_scope == "prompt+response":
+            for row, prompt in enumerate(prompts):
+                used[row, [t for t in prompt if t < self.vocab]] = True
+        bias = self._static.unsqueeze(0) - self.config.diversity_penalty * used.float()
+        self._used = torch.cat([self._used, used])
+        self._bias = torch.cat([self._bias, bias])
+        self._n += [0] * len(prompts)
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep these rows, in this order."""
+        self._used, self._bias = self._used[index], self._bias[index]
+        self._n = [self._n[i] for i in index.tolist()]
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """Combined log-probabilities for each live row's next token."""
+        out = logits + (self._bias if self.config.diversity else self._static)
+        bonus = [eos_bonus(self.config, n) for n in self._n]
+        if any(bonus) and self._eos_index.numel():
+            out[:, self._eos_index] += torch.tensor(bonus, dtype=out.dtype).unsqueeze(1)
+        return torch.log_softmax(out, dim=-1)
+
+    def consume(self, tokens: torch.Tensor) -> None:
+        """Each live row's chosen token: mark it used (a first use costs the penalty once)."""
+        column = tokens.unsqueeze(1)
+        first = ~self._used.gather(1, column)
+        self._used.scatter_(1, column, True)
+        self._bias.scatter_add_(1, column, first.float() * -self.config.diversity_penalty)
+        self._n = [n + 1 for n in self._n]
+
+
+def build_rows(config: RulesConfig, tokenizer: Any, model: Any,
+               eos_ids: Sequence[int]) -> RulesRows:
+    """The per-row rules state for one model and tokenizer (see `RulesRows`)."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    return RulesRows(config, resolution_for(config, tokenizer, vocab), eos_ids, vocab)

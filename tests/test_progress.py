@@ -21,13 +21,25 @@ def loaded(tmp_path_factory):
 
 
 def test_generation_reports_each_step_and_ends_at_the_batch_size(loaded):
-    seen: list[float] = []
+    """What the bar shows (records out + the progress heard) moves every step, never back."""
+    events: list[tuple[str, float]] = []
     prompts = [format_prompt(loaded.spec, loaded.tokenizer, p) for p in PROMPTS]
-    got = list(generate(loaded, prompts, batch_size=4, on_progress=seen.append))
-    steps = max(g.n_tokens + (g.finish_reason == "eos") for _, g in got)
-    assert len(seen) == steps  # once per decoding step, before any record is out
-    assert seen == sorted(seen) and seen[0] < 4
-    assert seen[-1] == pytest.approx(4.0)  # every row ended or reached the cap
+    got = []
+    for _, g in generate(loaded, prompts, batch_size=4,
+                         on_progress=lambda x: events.append(("tick", x))):
+        events.append(("record", 0.0))
+        got.append(g)
+    steps = max(g.n_tokens + (g.finish_reason == "eos") for g in got)
+    assert sum(kind == "tick" for kind, _ in events) == steps  # once per decoding step
+    shown, out, heard = [], 0, 0.0
+    for kind, x in events:
+        if kind == "tick":
+            heard = x
+        else:
+            out, heard = out + 1, heard - 1
+        shown.append(out + heard)
+    assert shown == sorted(shown) and shown[0] < 4
+    assert shown[-1] == pytest.approx(4.0) and out == 4  # every row ended or reached the cap
 
 
 def test_the_bar_moves_between_records_and_stops_at_the_total(tmp_path, monkeypatch):

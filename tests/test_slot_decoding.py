@@ -1,0 +1,154 @@
+"""The slot decoder: rows leave as they end and new prompts join, with the same greedy outputs."""
+
+import pytest
+import torch
+from test_rules import FILLER, _bpe_tokenizer, _prompts, _tiny_model
+from transformers import MistralConfig, MistralForCausalLM
+
+from harness import generation, slot_decoding
+from harness.generation import format_prompt, generate, load_model, load_tokenizer
+from harness.registry import DecodingSpec, ModelSpec
+from harness.rules import build_rows, reference_generate
+from harness.rules_config import DEFAULT_TOKEN_TABLE, RulesConfig
+
+OFF = RulesConfig(eos=False, uniform=False, diversity=False)
+CONFIGS = [None, RulesConfig(), RulesConfig(ramp=12, eos_hold=True),
+           RulesConfig(ramp=6, eos_hold=False, diversity_scope="prompt+response")]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return _bpe_tokenizer([s for s, _ in DEFAULT_TOKEN_TABLE if s != " ##"] + FILLER,
+                          byte_level=True)
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return _tiny_model(len(tok))
+
+
+def _decode(model, tok, prompts, config, cap, **kw):
+    scorer = None if config is None else build_rows(config, tok, model, [2])
+    got = {}
+    for f in slot_decoding.decode(model, prompts, max_new_tokens=cap, eos_ids=[2], pad_id=0,
+                                  scorer=scorer, **kw):
+        got[f.index] = f.tokens + ([2] if f.finish_reason == "eos" else [])
+    return [got[i] for i in range(len(prompts))]
+
+
+class Spy:
+    """Records the rows and width of every forward pass."""
+
+    def __init__(self, model):
+        self.calls: list[tuple[int, int]] = []  # (rows, tokens per row)
+        self._forward = model.forward
+        model.forward = self
+
+    def __call__(self, **kw):
+        self.calls.append(tuple(kw["input_ids"].shape))
+        return self._forward(**kw)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["base", "default", "short-ramp", "prompt-scope"])
+@pytest.mark.parametrize("slots", [1, 3, 10])
+def test_every_row_matches_the_reference_however_rows_come_and_go(model, tok, config, slots):
+    prompts = _prompts(tok, [4, 11, 7, 2, 9, 3, 5, 12, 6, 8], seed=3)
+    got = _decode(model, tok, prompts, config, 20, slots=slots, admit_at=1)
+    assert got == [reference_generate(model, tok, p, config or OFF, 20) for p in prompts]
+
+
+def test_ended_rows_leave_at_once_and_new_prompts_join_the_running_batch(model, tok):
+    prompts = _prompts(tok, [4, 11, 7, 2, 9, 3, 5, 12, 6, 8], seed=3)
+    spy = Spy(model)
+    try:
+        got = _decode(model, tok, prompts, RulesConfig(ramp=6), 20, slots=4, admit_at=1)
+    finally:
+        del model.forward
+    assert any(len(r) < 20 for r in got)  # some rows ended early on EOS
+    decode_rows = sum(rows for rows, width in spy.calls if width == 1)
+    prefill_rows = sum(rows for rows, width in spy.calls if width > 1)
+    assert prefill_rows == len(prompts)  # each prompt prefilled once
+    assert decode_rows == sum(map(len, got)) - len(prompts)  # no step for an ended row
+    assert max(rows for rows, _ in spy.calls) <= 4
+    assert len([c for c in spy.calls if c[1] > 1]) > 2  # prompts joined while others ran
+
+
+def test_sampling_is_seeded_and_a_tiny_top_p_is_greedy(model, tok):
+    prompts = _prompts(tok, [4, 11, 7, 2], seed=3)
+    kw = dict(slots=2, do_sample=True, temperature=0.7, seed=5)
+    a = _decode(model, tok, prompts, RulesConfig(), 15, **kw)
+    assert a == _decode(model, tok, prompts, RulesConfig(), 15, **kw)
+    assert a != _decode(model, tok, prompts, RulesConfig(), 15, **{**kw, "seed": 6})
+    assert _decode(model, tok, prompts, RulesConfig(), 15, slots=2, do_sample=True,
+                   temperature=0.7, top_p=1e-6) == \
+        _decode(model, tok, prompts, RulesConfig(), 15, slots=2)
+
+
+def test_force_length_runs_every_row_to_the_cap(model, tok):
+    got = _decode(model, tok, _prompts(tok, [4, 6, 3], seed=5), RulesConfig(ramp=2), 10, slots=2,
+                  force_length=True)
+    assert all(len(r) == 10 and 2 not in r for r in got)
+
+
+def test_a_sliding_window_it_could_reach_keeps_whole_waves():
+    cfg = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
+                        max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                        pad_token_id=0)
+    torch.manual_seed(0)
+    m = MistralForCausalLM(cfg).eval()
+    prompts = [[1, 5, 6, 7, 8], [1, 9, 10, 11, 12], [1, 13, 14, 15, 16]]  # equal: no padding
+    spy = Spy(m)
+    got = {f.index: f.tokens for f in slot_decoding.decode(
+        m, prompts, slots=2, max_new_tokens=12, eos_ids=[2], pad_id=0, admit_at=1)}
+    del m.forward
+    assert [c for c in spy.calls if c[1] > 1] == [(2, 5), (1, 5)]  # no join into a window
+    for i, p in enumerate(prompts):
+        out = m.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False,
+                         eos_token_id=2, pad_token_id=0)[0, len(p):].tolist()
+        assert got[i] == (out[:out.index(2)] if 2 in out else out)
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded(tmp_path_factory):
+    from tiny import make_tiny_model
+
+    path = make_tiny_model(tmp_path_factory.mktemp("tiny") / "m", seed=3)
+    spec = ModelSpec(name="tiny", source="local", path=str(path), prompt_format="plain",
+                     decoding=DecodingSpec(max_new_tokens=16))
+    return load_model(spec, load_tokenizer(spec))
+
+
+def test_the_backend_gives_what_model_generate_gave(tiny_loaded, monkeypatch):
+    texts = ["Write a haiku about rain.", "List three colours.", "What is 2 + 2?",
+             "Explain gravity to a child in one sentence.", "Name a fruit."]
+    prompts = [format_prompt(tiny_loaded.spec, tiny_loaded.tokenizer, t) for t in texts]
+    slots = dict(generate(tiny_loaded, prompts, batch_size=2))
+    monkeypatch.setattr(slot_decoding, "supported", lambda model: False)
+    batches = dict(generate(tiny_loaded, prompts, batch_size=2))
+    assert {i: (g.output, g.n_tokens, g.finish_reason) for i, g in slots.items()} == \
+        {i: (g.output, g.n_tokens, g.finish_reason) for i, g in batches.items()}
+
+
+@pytest.mark.slow
+def test_gemma_rows_joining_and_leaving_match_the_reference():
+    from test_rules import _gemma_dir
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = _gemma_dir()
+    gtok = AutoTokenizer.from_pretrained(model_dir)
+    gmodel = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    texts = [f"<|user|>\n{t}\n<|assistant|>\n" for t in (
+        "Write a short poem about the sea.",
+        "What are three tips for staying healthy? Answer briefly and clearly, please.",
+        "List some fruits", "Say hello.")]
+    prompts = [gtok(t).input_ids for t in texts]
+    config = RulesConfig(ramp=8)  # rows end at different steps, so the fourth prompt joins
+    eos = generation.model_eos_ids(gmodel, gtok)
+    got = {f.index: f.tokens for f in slot_decoding.decode(
+        gmodel, prompts, slots=3, max_new_tokens=16, eos_ids=eos, pad_id=gtok.pad_token_id,
+        scorer=build_rows(config, gtok, gmodel, eos), admit_at=1)}
+    for i, p in enumerate(prompts):
+        ref = reference_generate(gmodel, gtok, p, config, 16, eos_ids=eos)
+        assert got[i] == (ref[:-1] if ref and ref[-1] in eos else ref)
+    assert any(len(t) < 16 for t in got.values())  # some rows left early
