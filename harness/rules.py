@@ -424,6 +424,9 @@ class RulesRows:
         self._used = torch.zeros((0, vocab), dtype=torch.bool)
         self._bias = torch.zeros((0, vocab), dtype=torch.float32)
         self._n: list[int] = []  # response tokens so far, per row
+        # work space reused every step: a fresh [rows, vocab] tensor costs 5x the add itself
+        self._sum = torch.empty((0, vocab), dtype=torch.float32)
+        self._out = torch.empty((0, vocab), dtype=torch.float32)
 
     def add(self, prompts: Sequence[Sequence[int]]) -> None:
         """Rows for new prompts, after the live ones."""
@@ -442,12 +445,19 @@ class RulesRows:
         self._n = [self._n[i] for i in index.tolist()]
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        """Combined log-probabilities for each live row's next token."""
-        out = logits + (self._bias if self.config.diversity else self._static)
+        """Combined log-probabilities for each live row's next token (valid until the next
+        call: the result lives in a reused buffer)."""
+        rows = logits.shape[0]
+        fresh = self._sum.is_inference() != torch.is_inference_mode_enabled()
+        if self._sum.shape[0] < rows or fresh:
+            self._sum = torch.empty((rows, self.vocab), dtype=torch.float32)
+            self._out = torch.empty((rows, self.vocab), dtype=torch.float32)
+        out, result = self._sum[:rows], self._out[:rows]
+        torch.add(logits, self._bias if self.config.diversity else self._static, out=out)
         bonus = [eos_bonus(self.config, n) for n in self._n]
         if any(bonus) and self._eos_index.numel():
             out[:, self._eos_index] += torch.tensor(bonus, dtype=out.dtype).unsqueeze(1)
-        return torch.log_softmax(out, dim=-1)
+        return torch.log_softmax(out, dim=-1, out=result)
 
     def consume(self, tokens: torch.Tensor) -> None:
         """Each live row's chosen token: mark it used (a first use costs the penalty once)."""

@@ -20,6 +20,10 @@ from typing import Any, Protocol
 
 import torch
 
+#: The cost of prefilling one prompt token relative to decoding one token, for progress only
+#: (72 gemma-3-270m prompts on 2 CPU cores: prefill 3 ms a token, a decoding step 9 ms a row).
+PREFILL_WEIGHT = 1 / 3
+
 
 @dataclass(frozen=True)
 class Finished:
@@ -150,7 +154,7 @@ def decode(model: Any, prompts: Sequence[Sequence[int]], *, slots: int, max_new_
     Prompts are admitted longest first; new ones join when `admit_at` slots are free (default a
     quarter of the slots) or nothing runs. force_length bans EOS until the cap (benchmarks).
     on_progress(items) hears each step how far the unfinished work has got (a row that ends
-    this step counts 1 until it is yielded, a running row its share of the cap).
+    this step counts 1 until it is yielded, a running row its share of its prompt and cap).
     """
     from transformers.cache_utils import DynamicCache
 
@@ -218,7 +222,12 @@ def decode(model: Any, prompts: Sequence[Sequence[int]], *, slots: int, max_new_
             lengths = torch.tensor([len(m) for m in made])
             done = ended | (lengths >= max_new_tokens)
             if on_progress is not None:
-                share = (lengths[~done].clamp(max=max_new_tokens) / max_new_tokens).sum()
+                # a row's work: its prompt (at PREFILL_WEIGHT a token) and then the cap; the
+                # prefill counts as soon as it is done, so the first ETA is not 20x too long
+                pre = PREFILL_WEIGHT * torch.tensor([len(prompts[i]) for i in rows],
+                                                    dtype=torch.float32)
+                share = ((pre + lengths.clamp(max=max_new_tokens)) / (pre + max_new_tokens))
+                share = share[~done].sum()
                 on_progress(float(done.sum()) + float(share))
             now = time.perf_counter()
             for r in done.nonzero().flatten().tolist():
