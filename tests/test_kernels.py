@@ -8,7 +8,7 @@ import torch
 from harness import kernels
 from harness.generation import format_prompt, generate, load_model, load_tokenizer
 from harness.records import generation_key
-from harness.registry import DecodingSpec, ModelSpec
+from harness.registry import ModelSpec
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
                                 reason="this torch build has no oneDNN")
@@ -19,11 +19,9 @@ PROMPTS = ["Write a haiku about rain.", "List three colours.", "What is 2 + 2?",
 
 @pytest.fixture(scope="module")
 def tiny_spec(tmp_path_factory):
-    from tiny import make_tiny_model
+    from tiny import tiny_spec
 
-    path = make_tiny_model(tmp_path_factory.mktemp("tiny") / "m", seed=3)
-    return ModelSpec(name="tiny", source="local", path=str(path), prompt_format="plain",
-                     decoding=DecodingSpec(max_new_tokens=24))
+    return tiny_spec(tmp_path_factory.mktemp("tiny") / "m", max_new_tokens=24)
 
 
 def _outputs(spec: ModelSpec) -> list[str]:

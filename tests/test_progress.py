@@ -4,7 +4,6 @@ import pytest
 
 from harness import runner
 from harness.generation import format_prompt, generate, load_model, load_tokenizer
-from harness.registry import DecodingSpec, ModelSpec
 
 PROMPTS = ["Write a haiku about rain.", "List three colours.", "What is 2 + 2?",
            "Explain gravity to a child in one sentence."]
@@ -12,11 +11,9 @@ PROMPTS = ["Write a haiku about rain.", "List three colours.", "What is 2 + 2?",
 
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
-    from tiny import make_tiny_model
+    from tiny import tiny_spec
 
-    path = make_tiny_model(tmp_path_factory.mktemp("tiny") / "m", seed=3)
-    spec = ModelSpec(name="tiny", source="local", path=str(path), prompt_format="plain",
-                     decoding=DecodingSpec(max_new_tokens=12))
+    spec = tiny_spec(tmp_path_factory.mktemp("tiny") / "m", max_new_tokens=12)
     return load_model(spec, load_tokenizer(spec))
 
 

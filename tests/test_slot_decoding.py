@@ -7,7 +7,6 @@ from transformers import MistralConfig, MistralForCausalLM
 
 from harness import generation, slot_decoding
 from harness.generation import format_prompt, generate, load_model, load_tokenizer
-from harness.registry import DecodingSpec, ModelSpec
 from harness.rules import build_rows, reference_generate
 from harness.rules_config import DEFAULT_TOKEN_TABLE, RulesConfig
 
@@ -111,11 +110,9 @@ def test_a_sliding_window_it_could_reach_keeps_whole_waves():
 
 @pytest.fixture(scope="module")
 def tiny_loaded(tmp_path_factory):
-    from tiny import make_tiny_model
+    from tiny import tiny_spec
 
-    path = make_tiny_model(tmp_path_factory.mktemp("tiny") / "m", seed=3)
-    spec = ModelSpec(name="tiny", source="local", path=str(path), prompt_format="plain",
-                     decoding=DecodingSpec(max_new_tokens=16))
+    spec = tiny_spec(tmp_path_factory.mktemp("tiny") / "m", max_new_tokens=16)
     return load_model(spec, load_tokenizer(spec))
 
 

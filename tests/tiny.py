@@ -51,6 +51,15 @@ def make_tiny_model(out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
+def tiny_spec(out_dir: Path, max_new_tokens: int, seed: int = 3):
+    """A plain-prompt local ModelSpec over a fresh tiny model saved to out_dir."""
+    from harness.registry import DecodingSpec, ModelSpec
+
+    path = make_tiny_model(out_dir, seed=seed)
+    return ModelSpec(name="tiny", source="local", path=str(path), prompt_format="plain",
+                     decoding=DecodingSpec(max_new_tokens=max_new_tokens))
+
+
 def write_registry(path: Path, ref_dir: Path, var_dir: Path, extra: str = "") -> Path:
     """A models.toml with a tiny reference (chat template) and a tiny variant (plain prompts)."""
     path.write_text(f'''
