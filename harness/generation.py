@@ -30,6 +30,8 @@ class LoadedModel:
     model: Any
     tokenizer: Any
     eos_ids: tuple[int, ...]
+    #: a `slot_decoding.PrefillStore` shared by the variants that use this model (the runner's)
+    prefills: Any = None
 
 
 @dataclass(frozen=True)
@@ -216,7 +218,8 @@ def generate(loaded: LoadedModel, prompts: Sequence[str],
             loaded.model, encoded, slots=slots, max_new_tokens=dec.max_new_tokens,
             eos_ids=loaded.eos_ids, pad_id=tok.pad_token_id, do_sample=dec.do_sample,
             temperature=dec.temperature, top_p=dec.top_p, seed=dec.seed,
-            force_length=force_length, scorer=scorer, on_progress=on_progress):
+            force_length=force_length, scorer=scorer, on_progress=on_progress,
+            prefills=loaded.prefills):
         text = tok.decode(f.tokens, skip_special_tokens=True)
         yield f.index, Generation(output=text.strip(), n_prompt_tokens=len(encoded[f.index]),
                                   n_tokens=len(f.tokens), finish_reason=f.finish_reason,

@@ -306,6 +306,10 @@ def generate_all(specs: Sequence[ModelSpec], tasks: Sequence[Task], store: Store
             else:
                 last = None  # free the previous model before loading the next
                 loaded = load_model(spec, tokenizers[spec.name])
+                if hasattr(loaded, "prefills"):  # the transformers backend: variants of this
+                    from harness.slot_decoding import PrefillStore  # model share prompt prefills
+
+                    loaded = dataclasses.replace(loaded, prefills=PrefillStore())
             last = (weights, loaded)
             spec_hash, decoding = spec.spec_hash(), dataclasses.asdict(spec.decoding)
             for i, gen in generate(loaded, [w.payload for w in todo], batch_size,

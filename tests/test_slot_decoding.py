@@ -206,3 +206,38 @@ def test_greedy_picks_the_first_maximum_like_torch_argmax():
     assert torch.equal(slot_decoding.greedy(x), x.argmax(-1))
     odd = torch.randn(3, 5000, generator=gen)  # not a multiple of the chunk
     assert torch.equal(slot_decoding.greedy(odd), odd.argmax(-1))
+
+
+def test_a_prefill_store_gives_later_calls_the_same_prefill_without_computing_it(model, tok):
+    prompts = _prompts(tok, [4, 11, 7, 2, 9, 3, 5, 12], seed=6)
+    store = slot_decoding.PrefillStore()
+    # EOS forced off writes into the scores in place: a stored copy must not change
+    first = _decode(model, tok, prompts, None, 12, slots=8, prefills=store, force_length=True)
+    assert all(len(r) == 12 for r in first) and store.hits == 0
+    spy = Spy(model)
+    try:
+        again = _decode(model, tok, prompts, RulesConfig(), 12, slots=8, prefills=store)
+    finally:
+        del model.forward
+    assert store.hits > 0 and all(width == 1 for _, width in spy.calls)  # no prefill pass
+    assert again == [reference_generate(model, tok, p, RulesConfig(), 12) for p in prompts]
+    assert _decode(model, tok, prompts, None, 12, slots=8, prefills=store) == \
+        [reference_generate(model, tok, p, OFF, 12) for p in prompts]
+
+
+def test_a_prefill_store_keeps_within_its_bytes():
+    store = slot_decoding.PrefillStore(max_bytes=1000)
+
+    class Layer:
+        def __init__(self, n):
+            self.keys = self.values = torch.zeros(1, 1, n, 4)
+
+    class Cache:
+        def __init__(self, n):
+            self.layers = [Layer(n)]
+
+    store.put("big", Cache(100), torch.zeros(10))  # 3,240 bytes: not kept
+    assert store.get("big") is None
+    for name in ("a", "b", "c"):
+        store.put(name, Cache(10), torch.zeros(10))  # 360 bytes each: two fit
+    assert store.get("a") is None and store.get("b") is not None and store.get("c") is not None
