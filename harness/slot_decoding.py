@@ -196,15 +196,18 @@ class PrefillStore:
         self._bytes += size
 
 
-def _stored_cache(model: Any, kv: Sequence[tuple[torch.Tensor, torch.Tensor]], grow: bool
-                  ) -> Any:
-    """A cache holding a stored group's keys and values (appends copy them out first)."""
+def _stored_cache(model: Any, kv: Sequence[tuple[torch.Tensor, torch.Tensor]], grow: bool,
+                  width: int) -> Any:
+    """A cache holding a stored group's keys and values (appends copy them out first).
+
+    width: the group's padded prompt length (a sliding layer may keep fewer columns).
+    """
     cache = _new_cache(model, grow)
     for layer, (keys, values) in zip(cache.layers, kv, strict=True):
         layer.lazy_initialization(keys, values)
         layer.keys, layer.values = keys, values
         if hasattr(layer, "cumulative_length"):
-            layer.cumulative_length = keys.shape[2]
+            layer.cumulative_length = width
     return cache
 
 
@@ -399,7 +402,7 @@ def decode(model: Any, prompts: Sequence[Sequence[int]], *, slots: int, max_new_
                     key = (pad_id, tuple(tuple(int(t) for t in p) for p in group))
                     hit = prefills.get(key) if prefills is not None else None
                     if hit is not None:
-                        new_cache = _stored_cache(model, hit[0], grow=joinable)
+                        new_cache = _stored_cache(model, hit[0], joinable, ids.shape[1])
                         parts.append(hit[1].clone())  # the choice may write into its scores
                     else:
                         new_pos = (new_mask.cumsum(-1) - 1).masked_fill(new_mask == 0, 0)

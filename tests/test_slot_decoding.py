@@ -241,3 +241,22 @@ def test_a_prefill_store_keeps_within_its_bytes():
     for name in ("a", "b", "c"):
         store.put(name, Cache(10), torch.zeros(10))  # 360 bytes each: two fit
     assert store.get("a") is None and store.get("b") is not None and store.get("c") is not None
+
+
+def test_a_stored_prefill_past_a_sliding_window_decodes_as_a_fresh_one():
+    cfg = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
+                        max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                        pad_token_id=0)
+    torch.manual_seed(0)
+    m = MistralForCausalLM(cfg).eval()
+    prompts = [[1, *range(5, 16)], [1, *range(20, 29)]]  # 12 and 10 tokens: the window keeps 7
+    store = slot_decoding.PrefillStore()
+    runs = [{f.index: f.tokens for f in slot_decoding.decode(
+        m, prompts, slots=2, max_new_tokens=10, eos_ids=[2], pad_id=0, prefills=store)}
+        for _ in range(2)]
+    assert store.hits == 1 and runs[1] == runs[0]
+    for i, p in enumerate(prompts):
+        out = m.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False,
+                         eos_token_id=2, pad_token_id=0)[0, len(p):].tolist()
+        assert runs[0][i] == (out[:out.index(2)] if 2 in out else out)
