@@ -12,7 +12,8 @@ processing (the rules) keeps its state in step with the rows through `RowScorer`
 Two things keep the work close to the real tokens: prompts of like length are prefilled
 together (`prefill_groups`), so a batch of 41- to 93-token prompts no longer computes 39%
 padding, and each cache layer writes a step's keys and values into free room at the end of its
-buffer (`ROOM`) instead of copying the whole cache every step.
+buffer (`ROOM`) instead of copying the whole cache every step. Variants of one model may share
+their prompts' prefill through a `PrefillStore`.
 """
 
 from __future__ import annotations
@@ -399,7 +400,8 @@ def decode(model: Any, prompts: Sequence[Sequence[int]], *, slots: int, max_new_
                     group = [prompts[i] for i in take[start:start + len(g)]]
                     start += len(g)
                     ids, new_mask = _left_pad(group, pad_id)
-                    key = (pad_id, tuple(tuple(int(t) for t in p) for p in group))
+                    key = (None if prefills is None
+                           else (pad_id, tuple(tuple(int(t) for t in p) for p in group)))
                     hit = prefills.get(key) if prefills is not None else None
                     if hit is not None:
                         new_cache = _stored_cache(model, hit[0], joinable, ids.shape[1])

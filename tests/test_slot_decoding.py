@@ -89,23 +89,32 @@ def test_force_length_runs_every_row_to_the_cap(model, tok):
     assert all(len(r) == 10 and 2 not in r for r in got)
 
 
-def test_a_sliding_window_it_could_reach_keeps_whole_waves():
+def _sliding_model():
+    """A tiny Mistral whose 8-token sliding window the tests' rows can reach."""
     cfg = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
                         max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
                         pad_token_id=0)
     torch.manual_seed(0)
-    m = MistralForCausalLM(cfg).eval()
+    return MistralForCausalLM(cfg).eval()
+
+
+def _alone(m, prompt, cap):
+    """The prompt's greedy response from model.generate on its own, EOS left out."""
+    out = m.generate(torch.tensor([prompt]), max_new_tokens=cap, do_sample=False,
+                     eos_token_id=2, pad_token_id=0)[0, len(prompt):].tolist()
+    return out[:out.index(2)] if 2 in out else out
+
+
+def test_a_sliding_window_it_could_reach_keeps_whole_waves():
+    m = _sliding_model()
     prompts = [[1, 5, 6, 7, 8], [1, 9, 10, 11, 12], [1, 13, 14, 15, 16]]  # equal: no padding
     spy = Spy(m)
     got = {f.index: f.tokens for f in slot_decoding.decode(
         m, prompts, slots=2, max_new_tokens=12, eos_ids=[2], pad_id=0, admit_at=1)}
     del m.forward
     assert [c for c in spy.calls if c[1] > 1] == [(2, 5), (1, 5)]  # no join into a window
-    for i, p in enumerate(prompts):
-        out = m.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False,
-                         eos_token_id=2, pad_token_id=0)[0, len(p):].tolist()
-        assert got[i] == (out[:out.index(2)] if 2 in out else out)
+    assert [got[i] for i in range(len(prompts))] == [_alone(m, p, 12) for p in prompts]
 
 
 @pytest.fixture(scope="module")
@@ -244,19 +253,11 @@ def test_a_prefill_store_keeps_within_its_bytes():
 
 
 def test_a_stored_prefill_past_a_sliding_window_decodes_as_a_fresh_one():
-    cfg = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
-                        max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
-                        pad_token_id=0)
-    torch.manual_seed(0)
-    m = MistralForCausalLM(cfg).eval()
+    m = _sliding_model()
     prompts = [[1, *range(5, 16)], [1, *range(20, 29)]]  # 12 and 10 tokens: the window keeps 7
     store = slot_decoding.PrefillStore()
     runs = [{f.index: f.tokens for f in slot_decoding.decode(
         m, prompts, slots=2, max_new_tokens=10, eos_ids=[2], pad_id=0, prefills=store)}
         for _ in range(2)]
     assert store.hits == 1 and runs[1] == runs[0]
-    for i, p in enumerate(prompts):
-        out = m.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False,
-                         eos_token_id=2, pad_token_id=0)[0, len(p):].tolist()
-        assert runs[0][i] == (out[:out.index(2)] if 2 in out else out)
+    assert [runs[0][i] for i in range(len(prompts))] == [_alone(m, p, 10) for p in prompts]
