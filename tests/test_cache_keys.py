@@ -157,26 +157,44 @@ def test_converted_weights_are_cached_per_dtype_for_pypi_and_local_gguf(tmp_path
     assert len(made) == 4
 
 
-def test_converting_a_gguf_reads_its_metadata_once(tmp_path, monkeypatch):
+def _tiny_gguf(path, tokens: list[str] | None = None):
+    """A tiny llama GGUF (one tensor), with a tokenizer's fields when tokens are given."""
     import gguf
     import numpy as np
-    from transformers import modeling_gguf_pytorch_utils as hf_gguf
 
-    path = tmp_path / "tiny.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(2)
     w.add_context_length(64)
     w.add_embedding_length(16)
     w.add_feed_forward_length(32)
     w.add_head_count(2)
-    w.add_tensor("token_embd.weight", np.zeros((8, 16), dtype=np.float32))
+    if tokens:
+        w.add_tokenizer_model("llama")
+        w.add_token_list(tokens)
+        w.add_token_scores([float(-i) for i in range(len(tokens))])
+        w.add_token_types([1] * len(tokens))
+    w.add_tensor("token_embd.weight",
+                 np.arange(len(tokens or "x" * 8) * 16, dtype=np.float32).reshape(-1, 16))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    return path
+
+
+def test_converting_a_gguf_reads_its_metadata_once(tmp_path, monkeypatch):
+    import gguf
+    from transformers import modeling_gguf_pytorch_utils as hf_gguf
+
+    path = _tiny_gguf(tmp_path / "tiny.gguf")
     opened = []
-    original = gguf.GGUFReader
-    monkeypatch.setattr(gguf, "GGUFReader", lambda *a, **k: opened.append(a) or original(*a, **k))
+
+    class Spy(gguf.GGUFReader):
+        def __init__(self, *a, **k):
+            opened.append(a)
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(gguf, "GGUFReader", Spy)
     plain = hf_gguf.load_gguf_checkpoint(str(path), return_tensors=False)
     opened.clear()
     with weights._gguf_parsed_once():
@@ -189,3 +207,42 @@ def test_converting_a_gguf_reads_its_metadata_once(tmp_path, monkeypatch):
     assert again == plain and full["config"] == plain["config"]
     assert hf_gguf.load_gguf_checkpoint(str(path))["config"] == plain["config"]
     assert len(opened) == 2  # outside the block, a fresh read
+
+
+def test_the_faster_gguf_reads_give_what_transformers_reads(tmp_path):
+    """The plain-view reader holds the same fields and tensors as gguf's own; the weights'
+    read without the vocabulary gives the same tensors and the size the vocabulary gives."""
+    import gguf
+    import numpy as np
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import modeling_gguf_pytorch_utils as hf_gguf
+
+    tokens = ["<unk>", "<s>", "</s>", "a", "b", "ab", "▁the", "é"]
+    path = _tiny_gguf(tmp_path / "tok.gguf", tokens)
+    ours, theirs = weights._plain_reader_class(gguf.GGUFReader)(str(path)), gguf.GGUFReader(
+        str(path))
+    assert list(ours.fields) == list(theirs.fields)
+    for name, field in theirs.fields.items():
+        mine = ours.fields[name]
+        assert (mine.data, mine.types, len(mine.parts)) == (field.data, field.types,
+                                                            len(field.parts)), name
+        for a, b in zip(mine.parts, field.parts, strict=True):
+            assert a.dtype == b.dtype and np.array_equal(a, b), name
+    assert ours.fields["tokenizer.ggml.tokens"].contents() == tokens
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    pairs = zip(ours.tensors, theirs.tensors, strict=True)
+    assert all(np.array_equal(a.data, b.data) for a, b in pairs)
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokens), hidden_size=16,
+                                         intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2))
+    plain = hf_gguf.load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)
+    with weights._gguf_parsed_once():
+        lean = hf_gguf.load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)
+        meta = hf_gguf.load_gguf_checkpoint(str(path), return_tensors=False)
+    assert plain["tokenizer"]["tokens"] == tokens and "tokens" not in lean["tokenizer"]
+    assert meta["tokenizer"] == plain["tokenizer"]  # the tokenizer's own read keeps it all
+    assert lean["config"]["vocab_size"] == plain["config"]["vocab_size"] == len(tokens)
+    assert plain["tensors"].keys() == lean["tensors"].keys() and plain["tensors"]
+    assert all(torch.equal(plain["tensors"][k], lean["tensors"][k]) for k in plain["tensors"])
