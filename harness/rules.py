@@ -35,6 +35,7 @@ from transformers import LogitsProcessor
 from harness.errors import ConfigError
 from harness.generation import model_eos_ids
 from harness.rules_config import RulesConfig, eos_bonus
+from harness.slot_decoding import take_rows
 
 # ---------------------------------------------------------------------------------------------
 # Mapping table strings to token ids
@@ -441,7 +442,7 @@ class RulesRows:
 
     def keep(self, index: torch.Tensor) -> None:
         """Keep these rows, in this order."""
-        self._used, self._bias = self._used[index], self._bias[index]
+        self._used, self._bias = take_rows(self._used, index), take_rows(self._bias, index)
         self._n = [self._n[i] for i in index.tolist()]
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:

@@ -292,13 +292,47 @@ def _trim(cache: Any, mask: torch.Tensor) -> torch.Tensor:
     return mask[:, first:]
 
 
+def fill_holes(done: torch.Tensor) -> torch.Tensor:
+    """The rows to keep when `done` rows end, ordered so that the fewest rows move.
+
+    The live rows keep their places, except that each ended row's place among the first
+    (live count) is taken by a live row from beyond them: keeping a 72-row batch that loses one
+    row moves one row, where keeping the live rows in order moved every row after it.
+    """
+    live = (~done).nonzero().flatten()
+    n = live.numel()
+    keep = torch.arange(n)
+    keep[done[:n].nonzero().flatten()] = live[live >= n]
+    return keep
+
+
+def take_rows(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """t[keep], written into t's own first rows (t's buffer changes): only moved rows are copied.
+
+    Meant for `fill_holes`'s order, where few rows move; a row-major buffer with room keeps it.
+    """
+    n = keep.numel()
+    moved = (keep != torch.arange(n)).nonzero().flatten()
+    if moved.numel():
+        t[moved] = t[keep[moved]]  # the right side is gathered first, so sources stay intact
+    return t[:n]
+
+
 def _select(cache: Any, keep: torch.Tensor) -> None:
-    """Keep these rows of every layer, with the room their buffers had."""
+    """Keep these rows of every layer, with the room their buffers had.
+
+    The decoder's own buffers (those with room) are rearranged in place: copying a gemma-3-270m
+    cache of 72 rows to drop one took 60 ms, most steps under the rules. A stored prefill's
+    tensors (no room; they must not change) and a cache the model grew itself are copied.
+    """
     for layer in cache.layers:
         for name in ("keys", "values"):
             t = getattr(layer, name)
             n = t.shape[2]
-            setattr(layer, name, _extend(t, _capacity(t)).index_select(0, keep)[:, :, :n])
+            if _capacity(t) > n:
+                setattr(layer, name, take_rows(t, keep))
+            else:
+                setattr(layer, name, _extend(t, _capacity(t)).index_select(0, keep)[:, :, :n])
 
 
 def greedy(scores: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
@@ -450,7 +484,7 @@ def decode(model: Any, prompts: Sequence[Sequence[int]], *, slots: int, max_new_
                 yield Finished(rows[r], made[r], "eos" if ended[r] else "length",
                                round(now - started[r], 3))
             if bool(done.any()):
-                keep = (~done).nonzero().flatten()
+                keep = fill_holes(done)
                 rows = [rows[r] for r in keep.tolist()]
                 made = [made[r] for r in keep.tolist()]
                 started = [started[r] for r in keep.tolist()]
@@ -463,4 +497,4 @@ def decode(model: Any, prompts: Sequence[Sequence[int]], *, slots: int, max_new_
                     _select(cache, keep)
                     if joinable:
                         mask = _trim(cache, mask)
-            pending = tokens[~done]
+            pending = tokens[keep] if bool(done.any()) else tokens

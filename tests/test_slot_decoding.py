@@ -203,6 +203,50 @@ def test_a_decoding_step_writes_into_the_cache_without_copying_it():
     assert slot_decoding._capacity(torch.randn(3, 2, 7, 4)) == 7  # a plain tensor has no room
 
 
+def test_dropping_ended_rows_moves_only_the_rows_it_must():
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(200):
+        done = torch.rand(int(torch.randint(1, 12, (1,), generator=gen)), generator=gen) < 0.3
+        keep = slot_decoding.fill_holes(done)
+        live = (~done).nonzero().flatten()
+        n = live.numel()
+        assert sorted(keep.tolist()) == live.tolist()
+        stay = [i for i in range(n) if not done[i]]
+        assert all(keep[i] == i for i in stay)  # a live row among the first n keeps its place
+        assert int((keep != torch.arange(n)).sum()) == int(done[:n].sum())
+        t = torch.randn(len(done), 2, 5, 3)
+        expected = t[keep].clone()
+        ptr = t.data_ptr()
+        kept = slot_decoding.take_rows(t, keep)
+        assert torch.equal(kept, expected) and (n == 0 or kept.data_ptr() == ptr)
+
+
+def test_dropping_rows_rearranges_the_decoders_buffers_and_copies_a_stored_prefill():
+    class Layer:
+        pass
+
+    torch.manual_seed(0)
+    grown = slot_decoding._append(torch.tensor([]), torch.randn(4, 2, 6, 3))
+    stored = torch.randn(4, 2, 6, 3)  # a PrefillStore's tensor: no room, must not change
+    before = stored.clone()
+    layers = []
+    for keys in (grown, stored):
+        layer = Layer()
+        layer.keys, layer.values = keys, keys.clone()
+        layers.append(layer)
+    cache = Layer()
+    cache.layers = layers
+    expected = [(grown[[0, 3, 2]].clone(), stored[[0, 3, 2]].clone())]
+    keep = slot_decoding.fill_holes(torch.tensor([False, True, False, False]))
+    assert keep.tolist() == [0, 3, 2]
+    slot_decoding._select(cache, keep)
+    assert torch.equal(layers[0].keys, expected[0][0]) and torch.equal(layers[1].keys,
+                                                                       expected[0][1])
+    assert layers[0].keys.data_ptr() == grown.data_ptr()  # in place, room kept
+    assert slot_decoding._capacity(layers[0].keys) == 6 + slot_decoding.ROOM
+    assert torch.equal(stored, before) and layers[1].keys.data_ptr() != stored.data_ptr()
+
+
 def test_greedy_picks_the_first_maximum_like_torch_argmax():
     gen = torch.Generator().manual_seed(1)
     for _ in range(50):
