@@ -10,7 +10,8 @@ so far is used. Per model and batch size, every row is held to the full length
 the same run counting the prompts' tokens too (the compute it really did). Then the
 peer figure: the built-in instructions through lm-eval's HFLM `generate_until` and through the
 harness (default batch size), both stopping at EOS with the same cap, counting the tokens each
-response really has; the ratio is ours over lm-eval's.
+response really has, in alternating rounds (--peer-rounds); the ratio is ours over lm-eval's,
+over the rounds' totals.
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,8,32,64,72")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--no-peer", action="store_true", help="skip the lm-eval comparison")
+    parser.add_argument("--peer-rounds", type=int, default=2,
+                        help="alternating harness / lm-eval runs whose totals give the ratio")
     args = parser.parse_args()
     gflops = matmul_gflops()
     print(f"threads {torch.get_num_threads()}, fp32 matmul {gflops:.1f} GFLOP/s, output "
@@ -108,8 +111,6 @@ def main() -> None:
         if args.no_peer:
             continue
         prompts = prompts[:len(instructions)]
-        ours_s, ours_n = natural(loaded, prompts, DEFAULT_BATCH_SIZE)
-        del loaded
         folder = resolve_model_dir(spec)
         lm_spec = dataclasses.replace(
             spec, name=f"{name}@lm-eval", backend="lm-eval", source="",
@@ -118,12 +119,23 @@ def main() -> None:
                                                       f"batch_size={DEFAULT_BATCH_SIZE}"))
         peer = backends.load_model(lm_spec, tok)
         list(backends.generate(peer, prompts[:2], 2))  # warm up
-        peer_s, peer_n = natural(peer, prompts, DEFAULT_BATCH_SIZE)
+        # rounds alternate (harness, lm-eval, harness, ...) so that the machine's drift within
+        # minutes falls on both sides; the ratio is over the rounds' totals
+        totals = {"harness": [0.0, 0], "lm-eval": [0.0, 0]}
+        for r in range(args.peer_rounds):
+            for side, model in (("harness", loaded), ("lm-eval", peer)):
+                s_, n_ = natural(model, prompts, DEFAULT_BATCH_SIZE)
+                totals[side][0] += s_
+                totals[side][1] += n_
+                print(f"{name:<24} round {r + 1}: {side} {n_ / s_:.1f} tok/s ({s_:.1f} s)",
+                      flush=True)
+        (ours_s, ours_n), (peer_s, peer_n) = totals["harness"], totals["lm-eval"]
+        del loaded, peer
         print(f"{name:<24} {len(prompts)} instructions, stopping at EOS, cap {args.new_tokens}, "
-              f"batch {DEFAULT_BATCH_SIZE}: harness {ours_n / ours_s:.1f} tok/s ({ours_s:.1f} s), "
-              f"lm-eval HFLM generate_until {peer_n / peer_s:.1f} tok/s ({peer_s:.1f} s); "
-              f"ratio {(ours_n / ours_s) / (peer_n / peer_s):.2f}", flush=True)
-
+              f"batch {DEFAULT_BATCH_SIZE}, {args.peer_rounds} alternating rounds: harness "
+              f"{ours_n / ours_s:.1f} tok/s ({ours_s:.1f} s), lm-eval HFLM generate_until "
+              f"{peer_n / peer_s:.1f} tok/s ({peer_s:.1f} s); ratio "
+              f"{(ours_n / ours_s) / (peer_n / peer_s):.2f}", flush=True)
 
 if __name__ == "__main__":
     main()
