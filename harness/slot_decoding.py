@@ -309,7 +309,7 @@ def fill_holes(done: torch.Tensor) -> torch.Tensor:
 def take_rows(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """t[keep], written into t's own first rows (t's buffer changes): only moved rows are copied.
 
-    Meant for `fill_holes`'s order, where few rows move; a row-major buffer with room keeps it.
+    Meant for `fill_holes`'s order, where few rows move; a cache buffer keeps its room.
     """
     n = keep.numel()
     moved = (keep != torch.arange(n)).nonzero().flatten()

@@ -121,8 +121,8 @@ def _gguf_parsed_once() -> Iterator[None]:
     transformers opens the file and turns its metadata into Python values for the config, the
     tokenizer and the weights, field by field: seconds each time for gemma-3-270m's
     262k-entry vocabulary. The reader is shared (and reads a plain view of the file, above),
-    the metadata-only reads are memoised, and the weights' read sees every field but the
-    tokenizer's, which it parses and then drops.
+    the metadata-only reads are memoised, and the weights' read, which would parse the
+    vocabulary only to drop it, sees every field but the tokenizer's.
     """
     import gguf
     from transformers import modeling_gguf_pytorch_utils as hf_gguf
