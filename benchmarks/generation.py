@@ -137,5 +137,6 @@ def main() -> None:
               f"{peer_n / peer_s:.1f} tok/s ({peer_s:.1f} s); ratio "
               f"{(ours_n / ours_s) / (peer_n / peer_s):.2f}", flush=True)
 
+
 if __name__ == "__main__":
     main()

@@ -328,11 +328,11 @@ def _select(cache: Any, keep: torch.Tensor) -> None:
     for layer in cache.layers:
         for name in ("keys", "values"):
             t = getattr(layer, name)
-            n = t.shape[2]
-            if _capacity(t) > n:
+            n, capacity = t.shape[2], _capacity(t)
+            if capacity > n:
                 setattr(layer, name, take_rows(t, keep))
             else:
-                setattr(layer, name, _extend(t, _capacity(t)).index_select(0, keep)[:, :, :n])
+                setattr(layer, name, _extend(t, capacity).index_select(0, keep)[:, :, :n])
 
 
 def greedy(scores: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
