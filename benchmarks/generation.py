@@ -83,6 +83,8 @@ def main() -> None:
     parser.add_argument("--peer-rounds", type=int, default=2,
                         help="alternating harness / lm-eval runs whose totals give the ratio")
     args = parser.parse_args()
+    if args.peer_rounds < 1:
+        parser.error("--peer-rounds must be at least 1")
     gflops = matmul_gflops()
     print(f"threads {torch.get_num_threads()}, fp32 matmul {gflops:.1f} GFLOP/s, output "
           f"projection kernel {kernels.choose('float32')}")
