@@ -765,9 +765,11 @@ def run(config: RunConfig) -> RunResult:
     """Run the whole path and write results/<run-id>/ (config, records, summary, report)."""
     from harness.backends import load_tokenizer
     from harness.report import write_report
+    from harness.weights import prepare_weights
 
     start = time.time()
     specs, reference, tasks, judge = resolve(config)
+    prepare_weights(specs)  # a first run's GGUF conversions, side by side
     by_weights: dict[str, Any] = {}  # variants of one base model share its tokenizer
     tokenizers = {}
     for s in specs:

@@ -6,6 +6,7 @@ an ignored decoding parameter) keeps it, so nothing stale is reused and nothing 
 """
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -246,3 +247,82 @@ def test_the_faster_gguf_reads_give_what_transformers_reads(tmp_path):
     assert lean["config"]["vocab_size"] == plain["config"]["vocab_size"] == len(tokens)
     assert plain["tensors"].keys() == lean["tensors"].keys() and plain["tensors"]
     assert all(torch.equal(plain["tensors"][k], lean["tensors"][k]) for k in plain["tensors"])
+
+
+def _convertible_gguf(path, seed: int):
+    """A complete tiny llama GGUF (every tensor, a tokenizer) that convert_gguf turns into a
+    transformers folder; the seed picks its weights."""
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    tokens = ["<unk>", "<s>", "</s>", "▁a", "▁b", "a", "b", "▁the"]
+    h, ff, layers, vocab = 16, 32, 2, len(tokens)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(layers)
+    w.add_context_length(64)
+    w.add_embedding_length(h)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(2)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(8)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([float(-i) for i in range(vocab)])
+    w.add_token_types([2, 3, 3] + [1] * (vocab - 3))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    shapes = {"token_embd": (vocab, h), "output_norm": (h,), "output": (vocab, h)}
+    for i in range(layers):
+        shapes |= {f"blk.{i}.{k}": (h, h) for k in ("attn_q", "attn_k", "attn_v", "attn_output")}
+        shapes |= {f"blk.{i}.attn_norm": (h,), f"blk.{i}.ffn_norm": (h,),
+                   f"blk.{i}.ffn_gate": (ff, h), f"blk.{i}.ffn_up": (ff, h),
+                   f"blk.{i}.ffn_down": (h, ff)}
+    for name, shape in shapes.items():
+        w.add_tensor(f"{name}.weight", rng.standard_normal(shape).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_a_first_run_converts_its_ggufs_side_by_side_as_each_alone(tmp_path, monkeypatch):
+    """prepare_weights converts pending GGUFs in a worker process beside the parent; each result
+    is what a conversion of its own gives, resolve_model_dir then finds it, and a malformed file
+    fails as one WeightsError line without losing the others' conversions."""
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(weights.os, "cpu_count", lambda: 2)  # a worker, even on one core
+    specs = []
+    for seed in (1, 2):
+        folder = tmp_path / f"m{seed}"
+        folder.mkdir()
+        _convertible_gguf(folder / "m.gguf", seed)
+        specs.append(ModelSpec(name=f"m{seed}", source="local", path=str(folder),
+                               gguf_file="m.gguf"))
+    weights.prepare_weights(specs)
+    alone = weights.convert_gguf(tmp_path / "m2", "m.gguf", tmp_path / "alone", "float32", {})
+
+    def no_convert(*a, **k):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(weights, "convert_gguf", no_convert)
+    dirs = [Path(weights.resolve_model_dir(s)) for s in specs]
+    assert len(set(dirs)) == 2 and all((d / weights.MARKER).exists() for d in dirs)
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (dirs[1] / name).read_bytes() == (alone / name).read_bytes(), name
+    assert (dirs[0] / "model.safetensors").read_bytes() != (alone / "model.safetensors"
+                                                            ).read_bytes()
+    monkeypatch.undo()
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache2"))
+    monkeypatch.setattr(weights.os, "cpu_count", lambda: 2)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "m.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(range(40)))
+    bad = ModelSpec(name="bad", source="local", path=str(tmp_path / "bad"), gguf_file="m.gguf")
+    with pytest.raises(weights.WeightsError) as e:
+        weights.prepare_weights([specs[0], bad])  # the small bad file goes to the worker
+    assert str(e.value).startswith(f"cannot convert {tmp_path / 'bad' / 'm.gguf'} (")
+    assert "\n" not in str(e.value)
+    assert (Path(weights._converted_dir(specs[0])) / weights.MARKER).exists()
