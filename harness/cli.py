@@ -395,7 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive_int,
                    help="first N instructions of each task's each source (N pairs for ranking)")
     p.add_argument("--max-new-tokens", type=_positive_int, help="override every variant's cap")
-    p.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE)
+    p.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE,
+                   help="prompts decoded at once per variant; the variants of one model "
+                        "decode together, batch x variants rows (default %(default)s)")
     p.add_argument("--results-dir", help="where runs go (default: results/ in the project)")
     p.add_argument("--run-id", help="name of the run directory (default: derived from config)")
     p.add_argument("--registry", help="a models.toml that replaces the built-in registry")

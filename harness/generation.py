@@ -226,6 +226,57 @@ def generate(loaded: LoadedModel, prompts: Sequence[str],
                                   batch_seconds=f.seconds, batch_size=slots)
 
 
+def can_decode_together(loaded: Sequence[LoadedModel]) -> bool:
+    """Whether these variants may decode in one batch: one loaded model that the slot decoder
+    handles, one tokenizer (padding, EOS) and the same greedy decoding; rules may differ."""
+    from harness import slot_decoding
+
+    first = loaded[0]
+    return (not first.spec.decoding.do_sample and slot_decoding.supported(first.model)
+            and all(x.model is first.model and x.tokenizer is first.tokenizer
+                    and x.eos_ids == first.eos_ids and x.spec.decoding == first.spec.decoding
+                    for x in loaded))
+
+
+def generate_together(loaded: Sequence[LoadedModel], prompts: Sequence[Sequence[str]],
+                      batch_size: int = DEFAULT_BATCH_SIZE,
+                      on_progress: Callable[[float], None] | None = None,
+                      ) -> Iterator[tuple[int, int, Generation]]:
+    """Yield (variant, index, Generation) for variants of one model decoded as one batch.
+
+    batch_size prompts run for every variant at once (batch_size x variants rows): a wider
+    batch multiplies the shared weights at a better rate (gemma-3-270m: 1.15x at 144 rows
+    against 72). An instruction's prompt, the same for each variant, is prefilled once. Each
+    row is scored by its own variant's rules (`rules.MixedRows`), so each variant gets what
+    `generate` would give it alone. The caller checks `can_decode_together` first.
+    """
+    from harness import slot_decoding
+    from harness.rules import MixedRows, build_rows
+
+    first = loaded[0]
+    encoded = [[_encode(x, p) for p in ps] for x, ps in zip(loaded, prompts, strict=True)]
+    flat = [e for es in encoded for e in es]
+    owners = [v for v, es in enumerate(encoded) for _ in es]
+    starts = [sum(map(len, encoded[:v])) for v in range(len(encoded))]
+    scorer = None
+    if any(x.spec.rules is not None for x in loaded):
+        members = [None if x.spec.rules is None
+                   else build_rows(x.spec.rules, x.tokenizer, x.model, x.eos_ids) for x in loaded]
+        vocab = first.model.get_output_embeddings().weight.shape[0]
+        scorer = MixedRows(members, owners, vocab)
+    slots = max(1, min(len(flat), batch_size * len(loaded)))
+    dec = first.spec.decoding
+    for f in slot_decoding.decode(
+            first.model, flat, slots=slots, max_new_tokens=dec.max_new_tokens,
+            eos_ids=first.eos_ids, pad_id=first.tokenizer.pad_token_id, scorer=scorer,
+            on_progress=on_progress, prefills=first.prefills):
+        v = owners[f.index]
+        text = first.tokenizer.decode(f.tokens, skip_special_tokens=True)
+        yield v, f.index - starts[v], Generation(
+            output=text.strip(), n_prompt_tokens=len(flat[f.index]), n_tokens=len(f.tokens),
+            finish_reason=f.finish_reason, batch_seconds=f.seconds, batch_size=slots)
+
+
 def _generate_batches(loaded: LoadedModel, encoded: list[list[int]], batch_size: int,
                       force_length: bool, on_progress: Callable[[float], None] | None,
                       ) -> Iterator[tuple[int, Generation]]:

@@ -429,16 +429,21 @@ class RulesRows:
         self._sum = torch.empty((0, vocab), dtype=torch.float32)
         self._out = torch.empty((0, vocab), dtype=torch.float32)
 
-    def add(self, prompts: Sequence[Sequence[int]]) -> None:
-        """Rows for new prompts, after the live ones."""
-        used = torch.zeros((len(prompts), self.vocab), dtype=torch.bool)
-        if self.config.diversity and self.config.diversity_scope == "prompt+response":
-            for row, prompt in enumerate(prompts):
-                used[row, [t for t in prompt if t < self.vocab]] = True
+    def add(self, prompts: Sequence[Sequence[int]], indices: Sequence[int] = ()) -> None:
+        """Rows for new prompts, after the live ones (indices: unused, see RowScorer)."""
+        used = self.used_at_start(prompts)
         bias = self._static.unsqueeze(0) - self.config.diversity_penalty * used.float()
         self._used = torch.cat([self._used, used])
         self._bias = torch.cat([self._bias, bias])
         self._n += [0] * len(prompts)
+
+    def used_at_start(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """New rows' used-token mask: the prompt's tokens when the penalty covers them."""
+        used = torch.zeros((len(prompts), self.vocab), dtype=torch.bool)
+        if self.config.diversity and self.config.diversity_scope == "prompt+response":
+            for row, prompt in enumerate(prompts):
+                used[row, [t for t in prompt if t < self.vocab]] = True
+        return used
 
     def keep(self, index: torch.Tensor) -> None:
         """Keep these rows, in this order."""
@@ -466,6 +471,96 @@ class RulesRows:
         first = ~self._used.gather(1, column)
         self._used.scatter_(1, column, True)
         self._bias.scatter_add_(1, column, first.float() * -self.config.diversity_penalty)
+        self._n = [n + 1 for n in self._n]
+
+
+class MixedRows:
+    """The slot decoder's scorer for a batch that mixes variants of one model: each row is
+    scored by its own variant's rules (`RulesRows`) or, for a variant without rules, left as the
+    model's logits.
+
+    Row by row the arithmetic is the variant's own: logits + its bias row (static shifts, minus
+    its penalty on used tokens), its EOS bonus for the row's length, renormalised. A rule a
+    variant leaves out adds zeros (the penalty's scatter adds -0.0, the bonus 0.0), which
+    changes no value, so each row gets the scores that variant would give it alone.
+    """
+
+    def __init__(self, members: Sequence[RulesRows | None], owners: Sequence[int],
+                 vocab: int) -> None:
+        """members: each variant's rules (None: none); owners[i]: prompt i's variant."""
+        self.members, self.owners, self.vocab = list(members), list(owners), vocab
+        eos = {tuple(m._eos_index.tolist()) for m in self.members if m is not None}
+        if len(eos) > 1:
+            raise ValueError("variants decoded in one batch must share their EOS tokens")
+        self._eos_index = torch.tensor(next(iter(eos), ()), dtype=torch.long)
+        self._used = torch.zeros((0, vocab), dtype=torch.bool)
+        self._bias = torch.zeros((0, vocab), dtype=torch.float32)
+        self._penalty = torch.zeros((0, 1), dtype=torch.float32)  # -penalty on a first use
+        self._plain = torch.zeros(0, dtype=torch.bool)  # rows whose variant has no rules
+        self._who: list[int] = []
+        self._n: list[int] = []
+        self._sum = torch.empty((0, vocab), dtype=torch.float32)
+        self._out = torch.empty((0, vocab), dtype=torch.float32)
+
+    def add(self, prompts: Sequence[Sequence[int]], indices: Sequence[int]) -> None:
+        """Rows for new prompts (indices: their places in the prompt list, naming the variant)."""
+        if not prompts:
+            return
+        used = torch.zeros((len(prompts), self.vocab), dtype=torch.bool)
+        bias = torch.zeros((len(prompts), self.vocab), dtype=torch.float32)
+        penalty, plain = [], []
+        for row, (prompt, index) in enumerate(zip(prompts, indices, strict=True)):
+            who = self.owners[index]
+            member = self.members[who]
+            self._who.append(who)
+            plain.append(member is None)
+            config = None if member is None else member.config
+            penalty.append(-config.diversity_penalty if config and config.diversity else 0.0)
+            if member is None:
+                continue
+            used[row] = member.used_at_start([prompt])[0]
+            if config.diversity:
+                bias[row] = member._static - config.diversity_penalty * used[row].float()
+            else:  # RulesRows adds its static row alone
+                bias[row] = member._static
+        self._used = torch.cat([self._used, used])
+        self._bias = torch.cat([self._bias, bias])
+        self._penalty = torch.cat([self._penalty, torch.tensor(penalty).unsqueeze(1)])
+        self._plain = torch.cat([self._plain, torch.tensor(plain, dtype=torch.bool)])
+        self._n += [0] * len(prompts)
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep these rows, in this order."""
+        self._used, self._bias = take_rows(self._used, index), take_rows(self._bias, index)
+        self._penalty, self._plain = self._penalty[index], self._plain[index]
+        self._who = [self._who[i] for i in index.tolist()]
+        self._n = [self._n[i] for i in index.tolist()]
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each live row's scores (valid until the next call: a reused buffer)."""
+        rows = logits.shape[0]
+        fresh = self._sum.is_inference() != torch.is_inference_mode_enabled()
+        if self._sum.shape[0] < rows or fresh:
+            self._sum = torch.empty((rows, self.vocab), dtype=torch.float32)
+            self._out = torch.empty((rows, self.vocab), dtype=torch.float32)
+        out, result = self._sum[:rows], self._out[:rows]
+        torch.add(logits, self._bias, out=out)
+        bonus = [0.0 if self.members[w] is None else eos_bonus(self.members[w].config, n)
+                 for w, n in zip(self._who, self._n, strict=True)]
+        if any(bonus) and self._eos_index.numel():
+            out[:, self._eos_index] += torch.tensor(bonus, dtype=out.dtype).unsqueeze(1)
+        torch.log_softmax(out, dim=-1, out=result)
+        if bool(self._plain.any()):
+            plain = self._plain.nonzero().flatten()
+            result[plain] = logits[plain]
+        return result
+
+    def consume(self, tokens: torch.Tensor) -> None:
+        """Each live row's chosen token: mark it used (a first use costs its penalty once)."""
+        column = tokens.unsqueeze(1)
+        first = ~self._used.gather(1, column)
+        self._used.scatter_(1, column, True)
+        self._bias.scatter_add_(1, column, first.float() * self._penalty)
         self._n = [n + 1 for n in self._n]
 
 

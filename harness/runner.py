@@ -273,56 +273,101 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S")
 
 
+def decoding_groups(specs: Sequence[ModelSpec]) -> list[list[ModelSpec]]:
+    """Runs of consecutive variants that may decode as one batch: the transformers backend, the
+    same weights and dtype, the same greedy decoding (rules may differ)."""
+    groups: list[list[ModelSpec]] = []
+    for spec in specs:
+        prev = groups[-1][-1] if groups else None
+        if (prev is not None and spec.backend == prev.backend == "transformers"
+                and not spec.decoding.do_sample and spec.decoding == prev.decoding
+                and spec.weights_identity() == prev.weights_identity()
+                and spec.dtype == prev.dtype):
+            groups[-1].append(spec)
+        else:
+            groups.append([spec])
+    return groups
+
+
 def generate_all(specs: Sequence[ModelSpec], tasks: Sequence[Task], store: Store,
                  batch_size: int, tokenizers: dict[str, Any],
                  identities: dict[str, dict[str, Any]]
                  ) -> tuple[dict[Where, GenerationRecord], int]:
-    """Ensure every (task, variant, instruction) has a generation; return them and count made."""
+    """Ensure every (task, variant, instruction) has a generation; return them and count made.
+
+    Variants of one model with the same greedy decoding (a base and its rules variants) decode
+    as one batch (`generation.generate_together`); each gets what it would alone.
+    """
     from harness.backends import format_prompt, generate, load_model
+    from harness.generation import can_decode_together, generate_together
 
     out: dict[Where, GenerationRecord] = {}
     made = 0
     last: tuple[str, Any] | None = None  # (weights+dtype, LoadedModel): variants share a load
-    for spec in specs:
-        tokenizer = tokenizers[spec.name]
+
+    def load(spec: ModelSpec) -> Any:
+        nonlocal last
+        weights = canonical_json([spec.weights_identity(), spec.dtype])
+        if last is not None and last[0] == weights:
+            loaded = dataclasses.replace(last[1], spec=spec)
+        else:
+            last = None  # free the previous model before loading the next
+            loaded = load_model(spec, tokenizers[spec.name])
+            if hasattr(loaded, "prefills"):  # the transformers backend: variants of this
+                from harness.slot_decoding import PrefillStore  # model share prompt prefills
+
+                loaded = dataclasses.replace(loaded, prefills=PrefillStore())
+        last = (weights, loaded)
+        return loaded
+
+    for group in decoding_groups(specs):
         wanted = []
-        for task in tasks:
-            if task.kind not in GENERATING:
-                continue
-            for ins in task.instructions:
-                prompt = format_prompt(spec, tokenizer, ins.instruction)
-                labels = {"task": task.name, "model": spec.name, "instruction_id": ins.id,
-                          "instruction": ins.instruction}
-                wanted.append(Wanted((task.name, spec.name, ins.id),
-                                     generation_key(identities[spec.name], prompt), labels,
-                                     prompt))
+        for spec in group:
+            tokenizer = tokenizers[spec.name]
+            for task in tasks:
+                if task.kind not in GENERATING:
+                    continue
+                for ins in task.instructions:
+                    prompt = format_prompt(spec, tokenizer, ins.instruction)
+                    labels = {"task": task.name, "model": spec.name, "instruction_id": ins.id,
+                              "instruction": ins.instruction}
+                    wanted.append(Wanted((task.name, spec.name, ins.id),
+                                         generation_key(identities[spec.name], prompt), labels,
+                                         prompt))
 
         def compute(todo: list[Wanted], tick: Callable[[float], None],
-                    spec: ModelSpec = spec) -> Iterator[tuple[int, Any]]:
-            nonlocal last
-            weights = canonical_json([spec.weights_identity(), spec.dtype])
-            if last is not None and last[0] == weights:
-                loaded = dataclasses.replace(last[1], spec=spec)
-            else:
-                last = None  # free the previous model before loading the next
-                loaded = load_model(spec, tokenizers[spec.name])
-                if hasattr(loaded, "prefills"):  # the transformers backend: variants of this
-                    from harness.slot_decoding import PrefillStore  # model share prompt prefills
+                    group: list[ModelSpec] = group) -> Iterator[tuple[int, Any]]:
+            # each variant's missing prompts (their places in todo), in the group's order
+            mine = {s.name: [i for i, w in enumerate(todo) if w.labels["model"] == s.name]
+                    for s in group}
+            members = [s for s in group if mine[s.name]]
+            loaded = [load(members[0])]
+            loaded += [dataclasses.replace(loaded[0], spec=s) for s in members[1:]]
 
-                    loaded = dataclasses.replace(loaded, prefills=PrefillStore())
-            last = (weights, loaded)
-            spec_hash, decoding = spec.spec_hash(), dataclasses.asdict(spec.decoding)
-            for i, gen in generate(loaded, [w.payload for w in todo], batch_size,
-                                   on_progress=tick):
+            def record(spec: ModelSpec, i: int, gen: Any) -> GenerationRecord:
                 w = todo[i]
-                yield i, GenerationRecord(
+                return GenerationRecord(
                     key=w.key, **w.labels, prompt=w.payload, output=gen.output,
                     n_prompt_tokens=gen.n_prompt_tokens, n_tokens=gen.n_tokens,
-                    finish_reason=gen.finish_reason, model_spec_hash=spec_hash,
-                    decoding=decoding, batch_seconds=gen.batch_seconds,
+                    finish_reason=gen.finish_reason, model_spec_hash=spec.spec_hash(),
+                    decoding=dataclasses.asdict(spec.decoding), batch_seconds=gen.batch_seconds,
                     batch_size=gen.batch_size, created=_now(), info=gen.info)
 
-        got, n = fill(store, wanted, compute, f"generate {spec.name}")
+            if len(loaded) > 1 and can_decode_together(loaded):
+                prompts = [[todo[i].payload for i in mine[s.name]] for s in members]
+                for v, j, gen in generate_together(loaded, prompts, batch_size,
+                                                   on_progress=tick):
+                    i = mine[members[v].name][j]
+                    yield i, record(members[v], i, gen)
+                return
+            for spec, one in zip(members, loaded, strict=True):
+                idx = mine[spec.name]
+                for j, gen in generate(one, [todo[i].payload for i in idx], batch_size,
+                                       on_progress=tick):
+                    yield idx[j], record(spec, idx[j], gen)
+
+        label = group[0].name + (f" and {len(group) - 1} more" if len(group) > 1 else "")
+        got, n = fill(store, wanted, compute, f"generate {label}")
         out.update(got)
         made += n
     return out, made

@@ -44,8 +44,9 @@ class Finished:
 class RowScorer(Protocol):
     """Per-row logits processing whose state follows the live rows (the rules' used-token mask)."""
 
-    def add(self, prompts: Sequence[Sequence[int]]) -> None:
-        """Append rows for new prompts (after the live ones)."""
+    def add(self, prompts: Sequence[Sequence[int]], indices: Sequence[int]) -> None:
+        """Append rows for new prompts (after the live ones); indices: their places in the
+        decoder's prompt list."""
 
     def keep(self, index: torch.Tensor) -> None:
         """Keep only these rows, in this order."""
@@ -318,6 +319,13 @@ def take_rows(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return t[:n]
 
 
+def _copy_rows(cache: Any, index: torch.Tensor) -> None:
+    """Every layer's rows in this order, copied (a row may repeat; the tensors are new)."""
+    for layer in cache.layers:
+        layer.keys = layer.keys.index_select(0, index)
+        layer.values = layer.values.index_select(0, index)
+
+
 def _select(cache: Any, keep: torch.Tensor) -> None:
     """Keep these rows of every layer, with the room their buffers had.
 
@@ -422,16 +430,23 @@ def decode(model: Any, prompts: Sequence[Sequence[int]], *, slots: int, max_new_
                 position = position + 1
             free = slots - len(rows)
             if queue and (not rows or (joinable and free >= min(admit_at, len(queue)))):
-                take = [queue.popleft() for _ in range(min(free, len(queue)))]
+                taken = [queue.popleft() for _ in range(min(free, len(queue)))]
+                # one prompt given several times (one instruction for several variants of the
+                # model, in one batch) is prefilled once and its row copied
+                copies: dict[tuple[int, ...], list[int]] = {}
+                for i in taken:
+                    copies.setdefault(tuple(prompts[i]), []).append(i)
+                unique = [c[0] for c in copies.values()]
                 # prompts of like length are prefilled together, so that padding costs little
                 # compute; a cache whose window its rows can reach is prefilled as one batch
-                groups = (prefill_groups([len(prompts[i]) for i in take]) if joinable
-                          else [list(range(len(take)))])
-                take = [take[p] for g in groups for p in g]
+                groups = (prefill_groups([len(prompts[i]) for i in unique]) if joinable
+                          else [list(range(len(unique)))])
+                unique = [unique[p] for g in groups for p in g]
                 joined = [(cache, mask)] if rows else []
-                start = 0
+                start, take = 0, []
                 for g in groups:
-                    group = [prompts[i] for i in take[start:start + len(g)]]
+                    firsts = unique[start:start + len(g)]
+                    group = [prompts[i] for i in firsts]
                     start += len(g)
                     ids, new_mask = _left_pad(group, pad_id)
                     key = (None if prefills is None
@@ -449,6 +464,12 @@ def decode(model: Any, prompts: Sequence[Sequence[int]], *, slots: int, max_new_
                         parts.append(out.logits[:, -1].float())
                         if prefills is not None:
                             prefills.put(key, new_cache, parts[-1])
+                    sets = [copies[tuple(p)] for p in group]
+                    take += [i for same in sets for i in same]
+                    if len(sets) < sum(map(len, sets)):
+                        expand = torch.tensor([j for j, same in enumerate(sets) for _ in same])
+                        _copy_rows(new_cache, expand)
+                        new_mask, parts[-1] = new_mask[expand], parts[-1][expand]
                     joined.append((new_cache, new_mask))
                     position = torch.cat([position, new_mask.sum(-1)])
                 cache, mask = _join(joined)
@@ -457,7 +478,7 @@ def decode(model: Any, prompts: Sequence[Sequence[int]], *, slots: int, max_new_
                 made += [[] for _ in take]
                 started += [now] * len(take)
                 if scorer is not None:
-                    scorer.add([prompts[i] for i in take])
+                    scorer.add([prompts[i] for i in take], take)
             logits = torch.cat(parts) if len(parts) > 1 else parts[0]
             scores = scorer(logits) if scorer is not None else logits
             if force_length:

@@ -305,3 +305,119 @@ def test_a_stored_prefill_past_a_sliding_window_decodes_as_a_fresh_one():
         for _ in range(2)]
     assert store.hits == 1 and runs[1] == runs[0]
     assert [runs[0][i] for i in range(len(prompts))] == [_alone(m, p, 10) for p in prompts]
+
+
+#: variants of one model as the default run has them: none, all three rules, each rule left out
+VARIANTS = [None, RulesConfig(ramp=6), RulesConfig(ramp=6, eos=False),
+            RulesConfig(ramp=6, diversity=False), RulesConfig(ramp=6, uniform=False),
+            RulesConfig(ramp=6, eos_hold=False, diversity_scope="prompt+response")]
+
+
+def test_mixed_rows_score_each_row_bit_for_bit_as_its_own_variant(model, tok):
+    """Rows of several variants in one scorer, ending and moving as the decoder moves them, get
+    the very scores (not only the tokens) their variant's own scorer or the raw logits give."""
+    from harness.rules import MixedRows
+
+    vocab = model.get_output_embeddings().weight.shape[0]
+    prompts = _prompts(tok, [4, 11, 7, 9], seed=8)
+    flat = prompts * len(VARIANTS)
+    owners = [v for v in range(len(VARIANTS)) for _ in prompts]
+    mixed = MixedRows([None if c is None else build_rows(c, tok, model, [2]) for c in VARIANTS],
+                      owners, vocab)
+    own = [None if c is None else build_rows(c, tok, model, [2]) for c in VARIANTS]
+    order = list(range(len(flat)))  # the prompt behind each mixed row
+    mixed.add(flat, order)
+    for scorer in own:
+        if scorer is not None:
+            scorer.add(prompts)
+    g = torch.Generator().manual_seed(0)
+    for step in range(12):
+        logits = torch.randn(len(order), vocab, generator=g) * 4
+        scores = mixed(logits).clone()
+        tokens = scores.argmax(-1)
+        mixed.consume(tokens)
+        for v, scorer in enumerate(own):
+            at = [r for r, i in enumerate(order) if owners[i] == v]  # its rows, in its order
+            alone = logits[at] if scorer is None else scorer(logits[at])
+            assert torch.equal(scores[at], alone), (step, VARIANTS[v])
+            if scorer is not None:
+                scorer.consume(tokens[at])
+        if step % 3 == 2:  # three rows end; the rest move as the decoder moves them
+            done = torch.zeros(len(order), dtype=torch.bool)
+            done[torch.randperm(len(order), generator=g)[:3]] = True
+            kept = [order[k] for k in slot_decoding.fill_holes(done).tolist()]
+            mixed.keep(slot_decoding.fill_holes(done))
+            for v, scorer in enumerate(own):
+                before = [i for i in order if owners[i] == v]
+                after = [i for i in kept if owners[i] == v]
+                if scorer is not None:
+                    scorer.keep(torch.tensor([before.index(i) for i in after],
+                                             dtype=torch.long))
+            order = kept
+    assert len(order) == len(flat) - 12
+
+
+@pytest.mark.parametrize("slots", [None, 7])
+def test_variants_of_one_model_decode_as_one_batch_each_as_alone(model, tok, slots):
+    """Several variants' rows in one batch (all at once, or a few slots at a time with rows
+    joining) give each variant what it gives alone; a prompt shared by the variants is
+    prefilled once when its copies are admitted together."""
+    from harness.rules import MixedRows
+
+    prompts = _prompts(tok, [4, 11, 7, 2, 9, 3], seed=5)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    members = [None if c is None else build_rows(c, tok, model, [2]) for c in VARIANTS]
+    owners = [v for v in range(len(VARIANTS)) for _ in prompts]
+    flat = prompts * len(VARIANTS)
+    spy = Spy(model)
+    try:
+        got = {}
+        for f in slot_decoding.decode(model, flat, slots=slots or len(flat), max_new_tokens=20,
+                                      eos_ids=[2], pad_id=0, admit_at=1,
+                                      scorer=MixedRows(members, owners, vocab)):
+            got[f.index] = f.tokens + ([2] if f.finish_reason == "eos" else [])
+    finally:
+        del model.forward
+    for v, config in enumerate(VARIANTS):
+        mine = [got[v * len(prompts) + j] for j in range(len(prompts))]
+        assert mine == [reference_generate(model, tok, p, config or OFF, 20) for p in prompts]
+    assert len({tuple(map(len, got.values()))}) == 1 and any(len(t) < 20 for t in got.values())
+    prefill_rows = sum(rows for rows, width in spy.calls if width > 1)
+    if slots is None:
+        assert prefill_rows == len(prompts)  # once per prompt, not once per variant
+        assert max(rows for rows, _ in spy.calls) == len(flat)
+    else:
+        assert max(rows for rows, _ in spy.calls) <= slots
+
+
+def test_the_backend_decodes_a_models_variants_together_as_each_alone(tiny_loaded):
+    """generate_together (the runner's path for a base and its rules variants) gives each
+    variant the responses `generate` gives it alone; the runner groups only variants that may
+    share a batch."""
+    import dataclasses
+
+    from harness.runner import decoding_groups
+
+    texts = ["Write a haiku about rain.", "List three colours.", "What is 2 + 2?",
+             "Explain gravity to a child in one sentence.", "Name a fruit."]
+    base = tiny_loaded.spec
+    specs = [dataclasses.replace(base, name=f"v{i}", rules=c) for i, c in enumerate(VARIANTS)]
+    loaded = [dataclasses.replace(tiny_loaded, spec=s) for s in specs]
+    prompts = [[format_prompt(s, tiny_loaded.tokenizer, t) for t in texts] for s in specs]
+    prompts[2] = prompts[2][1:4]  # a variant with fewer missing responses (a resumed run)
+    assert generation.can_decode_together(loaded)
+    together = {(v, j): (g.output, g.n_tokens, g.finish_reason)
+                for v, j, g in generation.generate_together(loaded, prompts, batch_size=2)}
+    alone = {(v, j): (g.output, g.n_tokens, g.finish_reason)
+             for v, one in enumerate(loaded) for j, g in generate(one, prompts[v], batch_size=2)}
+    assert together == alone and len(alone) == sum(map(len, prompts))
+    assert {n for _, n, _ in alone.values()} != {16}  # the rules ended some responses early
+
+    sampled = dataclasses.replace(base, name="s", decoding=dataclasses.replace(
+        base.decoding, do_sample=True))
+    other = dataclasses.replace(base, name="o", dtype="bfloat16")
+    groups = decoding_groups([*specs[:2], sampled, specs[2], other, *specs[3:]])
+    assert [[s.name for s in g] for g in groups] == [["v0", "v1"], ["s"], ["v2"], ["o"],
+                                                     ["v3", "v4", "v5"]]
+    assert not generation.can_decode_together(
+        [loaded[0], dataclasses.replace(tiny_loaded, spec=sampled)])
