@@ -396,7 +396,9 @@ def decode(model: Any, prompts: Sequence[Sequence[int]], *, slots: int, max_new_
     quarter of the slots) or nothing runs. force_length bans EOS until the cap (benchmarks).
     on_progress(items) hears each step how far the unfinished work has got (a row that ends
     this step counts 1 until it is yielded, a running row its share of its prompt and cap).
-    prefills: groups already prefilled by an earlier call on the same model are reused.
+    prefills: groups already prefilled by an earlier call on the same model are reused. A
+    prompt given several times (one per variant, see `generation.generate_together`) is
+    prefilled once per admission and its row copied.
     """
     slots = max(1, slots)
     admit_at = max(1, slots // 4) if admit_at is None else max(1, admit_at)
