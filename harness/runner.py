@@ -19,7 +19,7 @@ from harness import __version__
 from harness.configs import project_dir
 from harness.errors import ConfigError, DataError
 from harness.generation import DEFAULT_BATCH_SIZE
-from harness.hashing import canonical_json, content_hash
+from harness.hashing import canonical_json, content_hash, file_sha256
 from harness.judging.protocol import Candidate, Judge, PairwiseItem
 from harness.judging.registry import get_judge
 from harness.records import (
@@ -806,6 +806,22 @@ def _claim_run_dir(run_dir: Path, resolved: dict[str, Any]) -> None:
     _write_text(config_path, text)
 
 
+#: What a tokenizer loads from a model folder: everything but weights and the harness's markers.
+_NOT_TOKENIZER = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
+
+
+def tokenizer_source(spec: ModelSpec) -> str:
+    """What a variant's tokenizer is loaded from, so that equal ones load once: its weights'
+    identity; for a tuned build (a folder holding its own copy of its base's tokenizer), the
+    content of the folder's files other than weights and build markers."""
+    if spec.tune is None or spec.backend != "transformers":
+        return canonical_json(spec.weights_identity())
+    folder = require_build(spec)
+    files = sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith(
+        "harness-") and not f.name.endswith(_NOT_TOKENIZER))
+    return canonical_json({"files": {f.name: file_sha256(str(f)) for f in files}})
+
+
 def run(config: RunConfig) -> RunResult:
     """Run the whole path and write results/<run-id>/ (config, records, summary, report)."""
     from harness.backends import load_tokenizer
@@ -815,11 +831,11 @@ def run(config: RunConfig) -> RunResult:
     start = time.time()
     specs, reference, tasks, judge = resolve(config)
     prepare_weights(specs)  # a first run's GGUF conversions, side by side
-    by_weights: dict[str, Any] = {}  # variants of one base model share its tokenizer
+    by_source: dict[str, Any] = {}  # variants of one base model share its tokenizer
     tokenizers = {}
     for s in specs:
-        wid = canonical_json(s.weights_identity())
-        tokenizers[s.name] = by_weights.get(wid) or by_weights.setdefault(wid, load_tokenizer(s))
+        key = tokenizer_source(s)
+        tokenizers[s.name] = by_source.get(key) or by_source.setdefault(key, load_tokenizer(s))
     identities = model_identities(specs, tokenizers)
     resolved = {
         "harness_version": __version__,

@@ -199,3 +199,31 @@ def test_export_writes_alpaca_eval_files_that_read_back(tiny_setup):
               for j in _lines(result.run_dir / "judgments.jsonl")}
     assert sorted(a.preference for a in anns) == sorted(judged.values())
     assert main(["export", str(tiny_setup["results"] / "nope")]) == 2
+
+
+def test_tuned_builds_with_the_same_tokenizer_files_load_one_tokenizer(tmp_path, monkeypatch):
+    """Tuned builds each hold a copy of their base's tokenizer: equal copies (other weights and
+    build records aside) load once; a build whose tokenizer or config differs loads its own."""
+    from harness import runner
+    from harness.registry import ModelSpec
+    from harness.tune_config import DataSpec, TuneSpec
+
+    builds = {}
+    for name, tokenizer, config in (("a", "tok", "cfg"), ("b", "tok", "cfg"),
+                                    ("c", "other tok", "cfg"), ("d", "tok", "other cfg")):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "tokenizer.json").write_text(tokenizer)
+        (folder / "config.json").write_text(config)
+        (folder / "model.safetensors").write_text(f"weights of {name}")
+        (folder / "harness-tuned.json").write_text(json.dumps({"build": name}))
+        builds[name] = folder
+    monkeypatch.setattr(runner, "require_build", lambda spec: builds[spec.name])
+    tune = TuneSpec(data=DataSpec(kind="lima"))
+    key = {n: runner.tokenizer_source(ModelSpec(name=n, source="pypi", sha256="s", tune=tune))
+           for n in builds}
+    assert key["a"] == key["b"] and len({key["a"], key["c"], key["d"]}) == 3
+    base = ModelSpec(name="base", source="pypi", sha256="s")
+    assert runner.tokenizer_source(base) == runner.tokenizer_source(
+        dataclasses.replace(base, name="base+rules"))
+    assert runner.tokenizer_source(base) not in key.values()
