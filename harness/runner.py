@@ -4,7 +4,9 @@ Every record is keyed by a content hash of what produced it, appended and flushe
 made, so a killed run resumes with no work redone and a repeated run performs none.
 """
 
+import ctypes
 import dataclasses
+import gc
 import json
 import sys
 import time
@@ -273,6 +275,20 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S")
 
 
+def release_memory() -> None:
+    """Hand freed memory back to the system between models (glibc keeps freed heap memory).
+
+    A decoding batch's buffers (KV cache layers of 10-30 MB, grown and dropped) come from the
+    heap once glibc has raised its mmap threshold, and freed heap memory stays with the
+    process: a run of three gemma-3-270m variants grew by 2 GB a variant, to 9.3 GB.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):  # not glibc
+        pass
+
+
 def decoding_groups(specs: Sequence[ModelSpec]) -> list[list[ModelSpec]]:
     """Runs of consecutive variants that may decode as one batch: the transformers backend, the
     same weights and dtype, the same greedy decoding (rules may differ)."""
@@ -312,6 +328,7 @@ def generate_all(specs: Sequence[ModelSpec], tasks: Sequence[Task], store: Store
             loaded = dataclasses.replace(last[1], spec=spec)
         else:
             last = None  # free the previous model before loading the next
+            release_memory()
             loaded = load_model(spec, tokenizers[spec.name])
             if hasattr(loaded, "prefills"):  # the transformers backend: variants of this
                 from harness.slot_decoding import PrefillStore  # model share prompt prefills
