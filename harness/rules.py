@@ -410,6 +410,30 @@ def build_processor(
     )
 
 
+class _WorkSpace:
+    """Two [rows, vocab] buffers a scorer reuses every step: a fresh one costs 5x the add."""
+
+    def __init__(self, vocab: int) -> None:
+        self.vocab = vocab
+        self._sum = torch.empty((0, vocab), dtype=torch.float32)
+        self._out = torch.empty((0, vocab), dtype=torch.float32)
+
+    def take(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum, result) views of `rows` rows, regrown when too small or made outside the
+        current inference mode."""
+        fresh = self._sum.is_inference() != torch.is_inference_mode_enabled()
+        if self._sum.shape[0] < rows or fresh:
+            self._sum = torch.empty((rows, self.vocab), dtype=torch.float32)
+            self._out = torch.empty((rows, self.vocab), dtype=torch.float32)
+        return self._sum[:rows], self._out[:rows]
+
+
+def _add_eos_bonus(out: torch.Tensor, eos_index: torch.Tensor, bonus: list[float]) -> None:
+    """Each row's EOS bonus onto its EOS columns (nothing when every bonus is 0)."""
+    if any(bonus) and eos_index.numel():
+        out[:, eos_index] += torch.tensor(bonus, dtype=out.dtype).unsqueeze(1)
+
+
 class RulesRows:
     """The rules for the slot decoder: the processor's state held per row, so that a row can
     leave (`keep`) or join (`add`) between steps. Same arithmetic as `RulesLogitsProcessor`:
@@ -425,9 +449,7 @@ class RulesRows:
         self._used = torch.zeros((0, vocab), dtype=torch.bool)
         self._bias = torch.zeros((0, vocab), dtype=torch.float32)
         self._n: list[int] = []  # response tokens so far, per row
-        # work space reused every step: a fresh [rows, vocab] tensor costs 5x the add itself
-        self._sum = torch.empty((0, vocab), dtype=torch.float32)
-        self._out = torch.empty((0, vocab), dtype=torch.float32)
+        self._work = _WorkSpace(vocab)
 
     def add(self, prompts: Sequence[Sequence[int]], indices: Sequence[int] = ()) -> None:
         """Rows for new prompts, after the live ones (indices: unused, see RowScorer)."""
@@ -453,16 +475,9 @@ class RulesRows:
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """Combined log-probabilities for each live row's next token (valid until the next
         call: the result lives in a reused buffer)."""
-        rows = logits.shape[0]
-        fresh = self._sum.is_inference() != torch.is_inference_mode_enabled()
-        if self._sum.shape[0] < rows or fresh:
-            self._sum = torch.empty((rows, self.vocab), dtype=torch.float32)
-            self._out = torch.empty((rows, self.vocab), dtype=torch.float32)
-        out, result = self._sum[:rows], self._out[:rows]
+        out, result = self._work.take(logits.shape[0])
         torch.add(logits, self._bias if self.config.diversity else self._static, out=out)
-        bonus = [eos_bonus(self.config, n) for n in self._n]
-        if any(bonus) and self._eos_index.numel():
-            out[:, self._eos_index] += torch.tensor(bonus, dtype=out.dtype).unsqueeze(1)
+        _add_eos_bonus(out, self._eos_index, [eos_bonus(self.config, n) for n in self._n])
         return torch.log_softmax(out, dim=-1, out=result)
 
     def consume(self, tokens: torch.Tensor) -> None:
@@ -499,8 +514,7 @@ class MixedRows:
         self._plain = torch.zeros(0, dtype=torch.bool)  # rows whose variant has no rules
         self._who: list[int] = []
         self._n: list[int] = []
-        self._sum = torch.empty((0, vocab), dtype=torch.float32)
-        self._out = torch.empty((0, vocab), dtype=torch.float32)
+        self._work = _WorkSpace(vocab)
 
     def add(self, prompts: Sequence[Sequence[int]], indices: Sequence[int]) -> None:
         """Rows for new prompts (indices: their places in the prompt list, naming the variant)."""
@@ -538,17 +552,11 @@ class MixedRows:
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """Each live row's scores (valid until the next call: a reused buffer)."""
-        rows = logits.shape[0]
-        fresh = self._sum.is_inference() != torch.is_inference_mode_enabled()
-        if self._sum.shape[0] < rows or fresh:
-            self._sum = torch.empty((rows, self.vocab), dtype=torch.float32)
-            self._out = torch.empty((rows, self.vocab), dtype=torch.float32)
-        out, result = self._sum[:rows], self._out[:rows]
+        out, result = self._work.take(logits.shape[0])
         torch.add(logits, self._bias, out=out)
-        bonus = [0.0 if self.members[w] is None else eos_bonus(self.members[w].config, n)
-                 for w, n in zip(self._who, self._n, strict=True)]
-        if any(bonus) and self._eos_index.numel():
-            out[:, self._eos_index] += torch.tensor(bonus, dtype=out.dtype).unsqueeze(1)
+        _add_eos_bonus(out, self._eos_index, [
+            0.0 if self.members[w] is None else eos_bonus(self.members[w].config, n)
+            for w, n in zip(self._who, self._n, strict=True)])
         torch.log_softmax(out, dim=-1, out=result)
         if bool(self._plain.any()):
             plain = self._plain.nonzero().flatten()

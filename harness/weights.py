@@ -7,6 +7,7 @@ dequantized once and cached as safetensors, so later loads take seconds.
 
 import contextlib
 import copy
+import functools
 import json
 import os
 import shutil
@@ -228,6 +229,8 @@ def resolve_model_dir(spec: ModelSpec) -> str:
         path = Path(spec.path).expanduser()
         if not path.exists():
             raise WeightsError(f"{spec.name}: local path {path} does not exist")
+        if spec.gguf_file and not (path / spec.gguf_file).is_file():
+            raise WeightsError(f"{spec.name}: {path / spec.gguf_file} does not exist")
         out = _converted_dir(spec)
         if out is None:
             return str(path)
@@ -248,6 +251,18 @@ def resolve_model_dir(spec: ModelSpec) -> str:
     return str(out)
 
 
+def _local_gguf_digest(path: Path) -> str:
+    """A local GGUF's sha256 prefix, read once per process while the file is unchanged (the run
+    needs it for the converted folder's name and for the variant's fingerprint)."""
+    st = path.stat()
+    return _digest_of(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _digest_of(path: str, size: int, mtime_ns: int) -> str:
+    return file_sha256(path)[:16]
+
+
 def _converted_dir(spec: ModelSpec) -> Path | None:
     """Where resolve_model_dir puts this spec's converted GGUF, or None when it converts none."""
     if spec.tune is not None:
@@ -258,7 +273,7 @@ def _converted_dir(spec: ModelSpec) -> Path | None:
         path = Path(spec.path).expanduser() / spec.gguf_file
         if not path.is_file():
             return None  # not converted: resolve_model_dir or the load reports it
-        digest = file_sha256(str(path))[:16]
+        digest = _local_gguf_digest(path)
         return cache_root() / "models" / f"local-{digest}-{spec.dtype}-c{CONVERSION_VERSION}"
     return None
 
@@ -314,7 +329,7 @@ def local_fingerprint(spec: ModelSpec) -> str:
         return ""
     root = Path(spec.path).expanduser()
     if spec.gguf_file:
-        return file_sha256(str(root / spec.gguf_file))[:16]
+        return _local_gguf_digest(root / spec.gguf_file)
     files = []
     for f in sorted(root.rglob("*")) if root.is_dir() else []:
         if not f.is_file():

@@ -158,6 +158,15 @@ def test_converted_weights_are_cached_per_dtype_for_pypi_and_local_gguf(tmp_path
     assert len(made) == 4
 
 
+def _written(w, path):
+    """Write a GGUFWriter's header, metadata and tensors; the file's path."""
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
 def _tiny_gguf(path, tokens: list[str] | None = None):
     """A tiny llama GGUF (one tensor), with a tokenizer's fields when tokens are given."""
     import gguf
@@ -176,11 +185,7 @@ def _tiny_gguf(path, tokens: list[str] | None = None):
         w.add_token_types([1] * len(tokens))
     w.add_tensor("token_embd.weight",
                  np.arange(len(tokens or "x" * 8) * 16, dtype=np.float32).reshape(-1, 16))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return _written(w, path)
 
 
 def test_converting_a_gguf_reads_its_metadata_once(tmp_path, monkeypatch):
@@ -282,11 +287,7 @@ def _convertible_gguf(path, seed: int):
                    f"blk.{i}.ffn_down": (h, ff)}
     for name, shape in shapes.items():
         w.add_tensor(f"{name}.weight", rng.standard_normal(shape).astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return _written(w, path)
 
 
 def test_a_first_run_converts_its_ggufs_side_by_side_as_each_alone(tmp_path, monkeypatch):
