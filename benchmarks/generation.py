@@ -2,6 +2,7 @@
 
     python benchmarks/generation.py [--models A,B] [--batch-sizes 1,8,32,64] [--new-tokens 64]
     HARNESS_KERNELS=plain python benchmarks/generation.py   # without the oneDNN output projection
+    HARNESS_SHARED_PREFIX=off python benchmarks/generation.py  # each prompt prefilled whole
 
 The ceiling is the measured fp32 matmul GFLOP/s (a 2048^3 GEMM with torch's threads) divided by
 2 x parameters FLOP per token; the GEMM is re-measured after every row and the fastest rate seen
@@ -26,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness import backends, kernels  # noqa: E402
+from harness import backends, kernels, slot_decoding  # noqa: E402
 from harness.backend_config import BackendOptions  # noqa: E402
 from harness.generation import (  # noqa: E402
     DEFAULT_BATCH_SIZE,
@@ -87,7 +88,8 @@ def main() -> None:
         parser.error("--peer-rounds must be at least 1")
     gflops = matmul_gflops()
     print(f"threads {torch.get_num_threads()}, fp32 matmul {gflops:.1f} GFLOP/s, output "
-          f"projection kernel {kernels.choose('float32')}")
+          f"projection kernel {kernels.choose('float32')}, shared prefixes "
+          f"{'on' if slot_decoding.shares_prefixes() else 'off'}")
     registry = load_registry()
     instructions = [i.instruction for i in load_task("instructions").instructions]
     print(f"{'model':<24} {'params':>8} {'ceiling tok/s':>14} {'batch':>6} {'tok/s':>8} "

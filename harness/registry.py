@@ -107,6 +107,10 @@ class ModelSpec:
             kernel = choose(self.dtype)
             if kernel != PLAIN:  # the plain kernel keeps the keys made before kernels existed
                 extra["kernel"] = kernel
+            from harness.slot_decoding import SHARED_PREFIX, shares_prefixes
+
+            if shares_prefixes():  # rounding may differ; off keeps the keys made before it
+                extra["decoder"] = SHARED_PREFIX
         return {**extra, "weights": self.weights_identity(), "dtype": self.dtype,
                 "decoding": self.decoding.identity(), "generation_version": GENERATION_VERSION,
                 "rules": None if self.rules is None else {**self.rules.as_dict(),

