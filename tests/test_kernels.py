@@ -1,4 +1,4 @@
-"""The oneDNN output projection: same logits and greedy outputs as the dense path, in the key."""
+"""The oneDNN linear layers: same logits and greedy outputs as the dense path, in the key."""
 
 import dataclasses
 
@@ -54,8 +54,37 @@ def test_training_and_long_inputs_take_the_dense_path(tiny_spec, monkeypatch):
     x = torch.randn(2, 3, head.in_features)
     assert head(x).requires_grad  # gradients flow: tuning is unaffected
     with torch.inference_mode():
-        long = torch.randn(1, kernels.MAX_ROWS + 1, head.in_features)
+        long = torch.randn(1, kernels.HEAD_MAX_ROWS + 1, head.in_features)
         assert torch.equal(head(long), torch.nn.functional.linear(long, head.weight, head.bias))
+    body = [m for m in loaded.model.modules()
+            if isinstance(m, torch.nn.Linear) and m is not head]
+    assert body
+    for layer in body:
+        x = torch.randn(kernels.BODY_MAX_ROWS + 1, layer.in_features)
+        assert layer(x[:2]).requires_grad
+        with torch.inference_mode():
+            dense = torch.nn.functional.linear(x, layer.weight, layer.bias)
+            assert torch.equal(layer(x), dense)  # a prefill's many rows: the dense path
+            few = layer(x[:kernels.BODY_MAX_ROWS])  # a decoding step's rows: oneDNN
+            assert torch.allclose(few, dense[:kernels.BODY_MAX_ROWS], atol=1e-5, rtol=1e-5)
+
+
+def test_every_linear_layer_of_a_decoding_step_runs_through_onednn(tiny_spec, monkeypatch):
+    monkeypatch.setenv("HARNESS_KERNELS", "plain")
+    loaded = load_model(tiny_spec, load_tokenizer(tiny_spec))
+    linears = [m for m in loaded.model.modules() if isinstance(m, torch.nn.Linear)]
+    kernels.install(loaded.model, kernels.ONEDNN)
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+
+    def spy(x, w, *args):
+        calls.append(x.shape[0])
+        return real(x, w, *args)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
+    with torch.inference_mode():
+        loaded.model(input_ids=torch.randint(0, 250, (4, 1)))
+    assert len(calls) == len(linears) and set(calls) == {4}
 
 
 def test_the_kernel_is_in_the_generation_key_and_plain_keeps_the_old_key(monkeypatch):
