@@ -8,7 +8,8 @@ The ceiling is the measured fp32 matmul GFLOP/s (a 2048^3 GEMM with torch's thre
 2 x parameters FLOP per token; the GEMM is re-measured after every row and the fastest rate seen
 so far is used. Per model and batch size, every row is held to the full length
 (EOS suppressed), so each counted token is a real one: no padding, no finished rows. Beside it,
-the same run counting the prompts' tokens too (the compute it really did). Then the
+the same run counting the prompt tokens it computed too, each at its share of a generated
+token's FLOP (a prompt token skips the output projection): the compute it really did. Then the
 peer figure: the built-in instructions through lm-eval's HFLM `generate_until` and through the
 harness (default batch size), both stopping at EOS with the same cap, counting the tokens each
 response really has, in alternating rounds (--peer-rounds); the ratio is ours over lm-eval's,
@@ -31,6 +32,7 @@ from harness import backends, kernels, slot_decoding  # noqa: E402
 from harness.backend_config import BackendOptions  # noqa: E402
 from harness.generation import (  # noqa: E402
     DEFAULT_BATCH_SIZE,
+    encode_prompt,
     format_prompt,
     generate,
     load_model,
@@ -56,15 +58,25 @@ def forced_tokens_per_second(loaded, prompts: list[str], batch_size: int
                              ) -> tuple[float, float]:
     """(generated, processed) tokens per second for one batch, every row forced to full length.
 
-    Processed tokens add each prompt's tokens: a prompt token costs the same 2 x parameters
-    FLOP as a generated one, so (processed tok/s) / ceiling is the share of the machine's
-    compute the run used, while (generated tok/s) / ceiling also charges the prompts to it.
+    Processed tokens add the prompt tokens the prefill computed (a common prefix once), each
+    weighted by its cost against a generated token's 2 x parameters FLOP: a prompt token skips
+    the output projection (only the last one's logits are kept; gemma-3-270m's projection is
+    63% of its parameters, SmolLM2-135M's 21%). So (processed tok/s) / ceiling is the share of
+    the machine's compute the run used, while (generated tok/s) / ceiling also charges the
+    prompts to it.
     """
+    batch = prompts[:batch_size]
     start = time.perf_counter()
-    got = list(generate(loaded, prompts[:batch_size], batch_size, force_length=True))
+    got = list(generate(loaded, batch, batch_size, force_length=True))
     seconds = time.perf_counter() - start
     made = sum(g.n_tokens for _, g in got)
-    return made / seconds, (made + sum(g.n_prompt_tokens for _, g in got)) / seconds
+    # the batch is one admission: its common prefix was computed once, not once a row
+    encoded = [encode_prompt(loaded.spec, loaded.tokenizer, p) for p in batch]
+    shared = slot_decoding.shared_prefix(encoded) if slot_decoding.shares_prefixes() else 0
+    computed = sum(map(len, encoded)) - shared * (len(encoded) - 1)
+    params = sum(p.numel() for p in loaded.model.parameters())
+    head = loaded.model.get_output_embeddings().weight.numel()
+    return made / seconds, (made + computed * (params - head) / params) / seconds
 
 
 def natural(loaded, prompts: list[str], batch_size: int) -> tuple[float, int]:
