@@ -74,10 +74,11 @@ def instrument(model) -> None:
 
     @functools.wraps(forward)
     def timed_forward(*args, **kwargs):
-        ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
+        ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
         part = "prefill" if ids.shape[1] > 1 else "decode"
-        TIMES["pad_keys"] += float((mask == 0).sum()) * ids.shape[1]
-        TIMES["all_keys"] += float(mask.numel()) * ids.shape[1]
+        if mask is not None:  # a shared prefix's own pass has no padding and no mask
+            TIMES["pad_keys"] += float((mask == 0).sum()) * ids.shape[1]
+            TIMES["all_keys"] += float(mask.numel()) * ids.shape[1]
         if part == "decode":
             TIMES["decode_rows"] += ids.shape[0]
         else:
