@@ -87,6 +87,26 @@ def test_every_linear_layer_of_a_decoding_step_runs_through_onednn(tiny_spec, mo
     assert len(calls) == len(linears) and set(calls) == {4}
 
 
+def test_a_body_too_big_to_copy_keeps_the_dense_path(tiny_spec, monkeypatch):
+    monkeypatch.setenv("HARNESS_KERNELS", "plain")
+    loaded = load_model(tiny_spec, load_tokenizer(tiny_spec))
+    head = loaded.model.get_output_embeddings()
+    body = [m for m in loaded.model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    monkeypatch.setattr(kernels, "BODY_PACK_MAX_BYTES", sum(m.weight.nbytes for m in body) - 1)
+    kernels.install(loaded.model, kernels.ONEDNN)
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+
+    def spy(x, w, *args):
+        calls.append(x.shape[0])
+        return real(x, w, *args)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
+    with torch.inference_mode():
+        loaded.model(input_ids=torch.randint(0, 250, (4, 1)))
+    assert calls == [4]  # the output projection only
+
+
 def test_the_kernel_is_in_the_generation_key_and_plain_keeps_the_old_key(monkeypatch):
     spec = ModelSpec(name="m", source="pypi", packages=("p==1",), files=("f.gguf",),
                      sha256="a" * 64)
