@@ -6,10 +6,10 @@ against a copy reordered once at load into its blocked layout for a 72-row batch
 (`torch.ops.mkldnn._reorder_linear_weight`). On a 2-core AVX2 CPU, at 72 rows: gemma-3-270m's
 262,144 x 640 output projection (671 MB, half of every step) 315 ms dense, 223 ms against a
 plain-layout oneDNN copy (the first version of this kernel), 195 ms blocked; its body's
-matmuls 15-27% faster. A whole gemma-3-270m decode of 72 prompts: 1.16x over the first version
+matmuls 5-29% faster. A whole gemma-3-270m decode of 72 prompts: 1.16x over the first version
 (1.12x from the output projection alone), with identical greedy outputs; SmolLM2-135M 1.02x.
 Larger inputs than a decoding step's take the dense path where it wins: a body layer above
-BODY_MAX_ROWS rows (at 360 rows the down projections are 13% slower blocked), the output
+BODY_MAX_ROWS rows (at 360 rows the down projections are 12-19% slower blocked), the output
 projection above HEAD_MAX_ROWS (blocked is faster up to 1024 rows; a prefill that needs every
 position's logits goes dense). The kernel is part of a variant's output identity (rounding can
 differ), and ``HARNESS_KERNELS=plain`` turns it off, which restores the plain keys.
