@@ -69,11 +69,8 @@ def test_training_and_long_inputs_take_the_dense_path(tiny_spec, monkeypatch):
             assert torch.allclose(few, dense[:kernels.BODY_MAX_ROWS], atol=1e-5, rtol=1e-5)
 
 
-def test_every_linear_layer_of_a_decoding_step_runs_through_onednn(tiny_spec, monkeypatch):
-    monkeypatch.setenv("HARNESS_KERNELS", "plain")
-    loaded = load_model(tiny_spec, load_tokenizer(tiny_spec))
-    linears = [m for m in loaded.model.modules() if isinstance(m, torch.nn.Linear)]
-    kernels.install(loaded.model, kernels.ONEDNN)
+def _onednn_rows(model, monkeypatch) -> list[int]:
+    """The rows of each oneDNN product in one 4-row decoding step of the model."""
     calls = []
     real = torch.ops.mkldnn._linear_pointwise
 
@@ -83,7 +80,16 @@ def test_every_linear_layer_of_a_decoding_step_runs_through_onednn(tiny_spec, mo
 
     monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
     with torch.inference_mode():
-        loaded.model(input_ids=torch.randint(0, 250, (4, 1)))
+        model(input_ids=torch.randint(0, 250, (4, 1)))
+    return calls
+
+
+def test_every_linear_layer_of_a_decoding_step_runs_through_onednn(tiny_spec, monkeypatch):
+    monkeypatch.setenv("HARNESS_KERNELS", "plain")
+    loaded = load_model(tiny_spec, load_tokenizer(tiny_spec))
+    linears = [m for m in loaded.model.modules() if isinstance(m, torch.nn.Linear)]
+    kernels.install(loaded.model, kernels.ONEDNN)
+    calls = _onednn_rows(loaded.model, monkeypatch)
     assert len(calls) == len(linears) and set(calls) == {4}
 
 
@@ -94,16 +100,7 @@ def test_a_body_too_big_to_copy_keeps_the_dense_path(tiny_spec, monkeypatch):
     body = [m for m in loaded.model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
     monkeypatch.setattr(kernels, "BODY_PACK_MAX_BYTES", sum(m.weight.nbytes for m in body) - 1)
     kernels.install(loaded.model, kernels.ONEDNN)
-    calls = []
-    real = torch.ops.mkldnn._linear_pointwise
-
-    def spy(x, w, *args):
-        calls.append(x.shape[0])
-        return real(x, w, *args)
-
-    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
-    with torch.inference_mode():
-        loaded.model(input_ids=torch.randint(0, 250, (4, 1)))
+    calls = _onednn_rows(loaded.model, monkeypatch)
     assert calls == [4]  # the output projection only
 
 
