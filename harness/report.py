@@ -31,7 +31,9 @@ LEADERBOARD = (("model", "variant"), ("n", "n"), ("win_rate", "win rate %"),
                ("standard_error", "± SE"), ("ci", "95% CI"),
                ("length_controlled_winrate", "LC win rate %"),
                ("record", "wins / ties / losses"), ("mean_tokens", "mean tokens"),
-               ("eos_share", "ended on EOS %"))
+               ("eos_share", "ended on EOS %"),
+               ("cap_vs_eos_share", "one side cut %"),
+               ("win_rate_without_cap_vs_eos", "win rate % without those"))
 
 
 def _fmt(value: Any, digits: int = 1) -> str:
@@ -123,7 +125,10 @@ def _leaderboard(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "record": "" if ref else
             f"{r.get('n_wins')} / {r.get('n_draws')} / {r.get('n_wins_base')}",
             "mean_tokens": r.get("mean_tokens"),
-            "eos_share": None if eos is None else 100 * eos})
+            "eos_share": None if eos is None else 100 * eos,
+            "cap_vs_eos_share": None if ref or r.get("cap_vs_eos_share") is None
+            else 100 * r["cap_vs_eos_share"],
+            "win_rate_without_cap_vs_eos": None if ref else r.get("win_rate_without_cap_vs_eos")})
     return out
 
 

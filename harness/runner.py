@@ -24,6 +24,7 @@ from harness.generation import DEFAULT_BATCH_SIZE
 from harness.hashing import canonical_json, content_hash, file_sha256
 from harness.judging.protocol import Candidate, Judge, PairwiseItem
 from harness.judging.registry import get_judge
+from harness.judging.validation import cached_figures, headline
 from harness.records import (
     GenerationRecord,
     JudgmentRecord,
@@ -40,7 +41,7 @@ from harness.tune_config import is_built, require_build
 
 #: The default judge: heuristic features calibrated against GPT-4-turbo's AlpacaEval judgments
 #: (90% held-out agreement; no API). `heuristic` is the simpler cascade.
-DEFAULT_JUDGE = "heuristic_combined"
+DEFAULT_JUDGE = "content"
 
 #: (task name, variant name, instruction id): where a record sits in a run's tables.
 Where = tuple[str, str, str]
@@ -78,6 +79,7 @@ class RunResult:
     n_judged: int = 0
     seconds: float = 0.0
     n_scored: int = 0
+    validity: dict[str, Any] | None = None  # the judge's validation figures (headline)
 
 
 def _bar(total: int, desc: str) -> tqdm:
@@ -576,6 +578,31 @@ def _win_rates(prefs: list[float | None]) -> dict[str, Any]:
     return row
 
 
+def cap_against_eos(prefs: Sequence[float | None], ref_finish: Sequence[str],
+                    var_finish: Sequence[str]) -> dict[str, Any]:
+    """How much of a variant's result rests on pairs where exactly one side hit the token cap:
+    their share of the verdicts, the share of the variant's win mass from pairs where the
+    reference was cut and the variant ended on EOS, and the win rate without any such pair."""
+    from harness.stats import win_rate_summary
+
+    one_cut = [(r == "length") != (v == "length") for r, v in zip(ref_finish, var_finish,
+                                                                   strict=True)]
+    valid = [p is not None and p == p for p in prefs]
+    wins = [p - 1.0 if ok else 0.0 for p, ok in zip(prefs, valid, strict=True)]
+    total = sum(wins)
+    from_cut_ref = sum(w for w, r, v in zip(wins, ref_finish, var_finish, strict=True)
+                       if r == "length" and v != "length")
+    rest = [p for p, c in zip(prefs, one_cut, strict=True) if not c]
+    try:
+        without = win_rate_summary(rest)["win_rate"] if rest else None
+    except DataError:
+        without = None
+    return {"cap_vs_eos_share": sum(c for c, ok in zip(one_cut, valid, strict=True) if ok)
+            / max(1, sum(valid)),
+            "cap_vs_eos_win_share": from_cut_ref / total if total > 0 else None,
+            "win_rate_without_cap_vs_eos": without}
+
+
 def _head_to_head(task: Task, specs: Sequence[ModelSpec], reference: ModelSpec,
                   generations: dict[Where, GenerationRecord],
                   judgments: dict[Where, JudgmentRecord]
@@ -604,6 +631,15 @@ def _head_to_head(task: Task, specs: Sequence[ModelSpec], reference: ModelSpec,
             prefs = [judgments[(task.name, spec.name, i.id)].preference
                      for i in task.instructions]
             row.update(_win_rates(prefs))
+            if ref_variant is not None:
+                ref_gens = [generations[(task.name, ref_variant, i.id)]
+                            for i in task.instructions]
+                row.update(cap_against_eos(prefs, [g.finish_reason for g in ref_gens],
+                                           [g.finish_reason for g in gens]))
+            judged = [judgments[(task.name, spec.name, i.id)].info for i in task.instructions]
+            both = [not j["orders_disagree"] for j in judged if "orders_disagree" in j]
+            if both:  # an LLM judge asked in both orders: how often the two agree
+                row["order_agreement"] = float(np.mean(both))
             refs = [i.reference if ref_variant is None else
                     generations[(task.name, ref_variant, i.id)].output
                     for i in task.instructions]
@@ -893,13 +929,14 @@ def run(config: RunConfig) -> RunResult:
         summary, tables = analyse(specs, reference, tasks, generations, judgments, scores,
                                   task_seconds)
         write_tables(run_dir, tables)
+        validity = headline(cached_figures(judge.spec))
         stages["analyse"] = time.time() - t
         seconds = time.time() - start
         meta = {"run_id": run_id, "judge": judge.spec.name, "reference": reference.name,
                 "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                 "git_commit": git_commit(), "packages": package_versions(),
                 "generated": n_gen, "judged": n_judged, "scored": n_scored,
-                "seconds": round(seconds, 1),
+                "seconds": round(seconds, 1), "judge_validity": validity,
                 "stage_seconds": {k: round(v, 1) for k, v in stages.items()},
                 "analysis_seconds": task_seconds}
         if config.shard is not None:
@@ -909,4 +946,4 @@ def run(config: RunConfig) -> RunResult:
                     + "\n")
         report = write_report(run_dir)
     return RunResult(run_dir=run_dir, summary=summary, report_path=report, n_generated=n_gen,
-                     n_judged=n_judged, seconds=seconds, n_scored=n_scored)
+                     n_judged=n_judged, seconds=seconds, n_scored=n_scored, validity=validity)

@@ -12,8 +12,9 @@ farthest from the domain, the last bin the nearest). Each response gets
   responses (LIMA's assistant responses), the study's measure;
 - poem_score and is_poem from harness.poem_form (layout only, no embeddings);
 - verse_layout (laid out as verse, a degenerate loop included: poem_form.layout_score) and
-  loop (at least poem_form.LOOP_FULL of its word trigrams repeat), because a small model's
-  greedy loops are verse-shaped but are not poems, and the two tell different stories.
+  loop (poem_form.loop_share at least LOOP_FULL: a line, block or phrase said over and over,
+  a chorus aside), because a small model's greedy loops are verse-shaped but are not poems,
+  and the two tell different stories.
 Per variant and bin: means with seeded bootstrap intervals and the shares of poems, of
 verse-shaped responses and of loops; per variant:
 the OLS slope of adherence (and of poem_score) on instruction similarity, with a bootstrap

@@ -150,6 +150,111 @@ def test_loops_are_not_poems_but_refrains_are_kept():
         poem_form.layout_score(refrain))
 
 
+SONG = ("Verse 1:\nI walk the streets when the city sleeps\nThe neon hums a tune I keep\n"
+        "Every corner holds a memory\nOf the girl who used to walk with me\n\n"
+        "Chorus:\nOh, carry me home, carry me home\nThrough the rain and the midnight chrome\n"
+        "I don't need a crown or a throne\nJust carry me home\n\n"
+        "Verse 2:\nThe radio plays our favourite song\nThe one we sang the whole night long\n"
+        "I turn it up to fill the space\nWhere I still can see your face\n\n"
+        "Chorus:\nOh, carry me home, carry me home\nThrough the rain and the midnight chrome\n"
+        "I don't need a crown or a throne\nJust carry me home\n\n"
+        "Bridge:\nAnd if the morning never comes\nI'll count the stars like beating drums\n"
+        "One for you and one for me\nAnd one for who we used to be\n\n"
+        "Chorus:\nOh, carry me home, carry me home\nThrough the rain and the midnight chrome\n"
+        "I don't need a crown or a throne\nJust carry me home")
+
+# E. A. Robinson, "The House on the Hill" (1894): a villanelle, two refrains recurring.
+VILLANELLE = """They are all gone away,
+  The House is shut and still,
+There is nothing more to say.
+
+Through broken walls and gray
+  The winds blow bleak and shrill:
+They are all gone away.
+
+Nor is there one to-day
+  To speak them good or ill:
+There is nothing more to say.
+
+Why is it then we stray
+  Around the sunken sill?
+They are all gone away,
+
+And our poor fancy-play
+  For them is wasted skill:
+There is nothing more to say.
+
+There is ruin and decay
+  In the House on the Hill:
+They are all gone away,
+There is nothing more to say."""
+
+#: What small models write when they decode greedily into a loop.
+SMALL_MODEL_LOOPS = {
+    "one line to the end": "The first morning frost in a city park\n" * 12,
+    "one line after a title": "Morning Frost\n\n" + "The first morning frost in a city park\n" * 12,
+    "one line cut at the token cap": "The first morning frost in a city park\n" * 11
+                                     + "The first morning fro",
+    "near-identical lines": "Cats are afraid of cucumbers,\n"
+                            + "They are afraid of cucumbers,\n" * 11,
+    "a 2-line cycle": "A Winter Night\n\nThe snow is falling soft and white\n"
+                      "The world is sleeping in the night\n\n"
+                      + "The stars are shining bright\nThe moon is full of light\n" * 6,
+    "a 3-line cycle": "The river runs to the sea,\nThe wind blows through the tree,\n"
+                      "And the sun shines on me.\n" * 5,
+    "a phrase within a long line": "Ode to the Sea\n\nThe sea is wide, "
+                                   + "and the sea is deep and the sea is wide, " * 15 + "\nThe end",
+    "numbered lines": "\n".join(f"Line {i}: The leaves are falling down today"
+                                for i in range(1, 11)),
+    "numbered items": "\n".join(f"{i}. The leaves are falling down" for i in range(1, 11)),
+    "a stanza twice, cut at the cap": ("Roses bloom in the garden\nThe bees are humming low\n"
+                                       "The summer days are golden\nAnd the rivers gently flow"
+                                       "\n\n") * 2 + "Roses bloom in the garden\nThe bees are hum",
+}
+
+
+@pytest.mark.parametrize("text", [SONG, VILLANELLE], ids=["song", "villanelle"])
+def test_choruses_and_refrains_are_not_loops(text):
+    """A chorus or refrain recurs with new lines between: verse, not a degenerate loop."""
+    assert poem_form.loop_veto(text) == 0.0, poem_form.loop_parts(text)
+    assert poem_form.poem_score(text) >= 0.5
+    twice = SONG + "\n\n" + SONG.split("\n\n")[1]  # the chorus sung twice at the end
+    assert poem_form.loop_veto(twice) == 0.0 and poem_form.is_poem(twice)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_MODEL_LOOPS))
+def test_small_model_loops_are_not_poems(name):
+    text = SMALL_MODEL_LOOPS[name]
+    assert poem_form.poem_score(text) < 0.5, (name, poem_form.loop_parts(text))
+    assert poem_form.loop_veto(text) == 1.0, (name, poem_form.loop_parts(text))
+    assert poem_form.loop_share(text) >= poem_form.LOOP_FULL  # style_adherence's loop flag
+
+
+def test_real_output_labels_match_and_separate_verse():
+    """The hand labels still match the shared outputs, and the score separates real verse
+    (songs included) from real non-verse answers (lists and short lines included)."""
+    if not (shared_data_dir() / "alpaca_eval" / "annotations").is_dir() or not ALPACA.is_file():
+        pytest.skip("no AlpacaEval outputs in the shared data folder")
+    data = poem_form.real_output_set()
+    assert data.stale_labels == 0 and data.unlabelled == 0
+    f = poem_form.real_output_figures(data)
+    assert f["song"]["positives"] >= 40 and f["poem"]["positives"] >= 60
+    assert f["negatives_short_lines"] >= 200
+    assert f["all"]["auc"] >= 0.98 and f["song"]["auc"] >= 0.97, f
+    assert f["song"]["recall"] >= 0.9 and f["false_positive_share"] <= 0.03, f
+
+
+def test_real_output_set_skips_stale_labels(tmp_path):
+    if not (shared_data_dir() / "alpaca_eval" / "annotations").is_dir() or not ALPACA.is_file():
+        pytest.skip("no AlpacaEval outputs in the shared data folder")
+    rows = [json.loads(ln) for ln in poem_form.REAL_LABELS.read_text().splitlines()]
+    rows[0]["output_sha256"] = "0" * 64
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = poem_form.real_output_set(labels=labels)
+    assert data.stale_labels == 1 and data.unlabelled == 1
+
+
 def test_no_corpus_poem_is_vetoed_as_a_loop(wheel):
     from harness.tune_data import read_poems
 

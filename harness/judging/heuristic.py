@@ -32,6 +32,9 @@ from harness.stats import sigmoid
 #: judgments made by the old code are not reused (it is part of every heuristic judge's key).
 FEATURE_VERSION = 1
 
+#: Below this MiniLM cosine with its instruction a response counts as (partly) off the topic.
+OFFTOPIC_COSINE = 0.3
+
 CASCADE_CRITERIA = ("empty", "termination", "repetition", "target_length")
 SINGLE_SIGNAL_METHODS = ("length", "termination", "repetition", "relevance", "target_length")
 METHODS = ("cascade", "combined", *SINGLE_SIGNAL_METHODS)
@@ -44,6 +47,7 @@ FEATURES = (
     "empty",          # 1 if the response is empty or whitespace
     "repetition",     # share of repeated word n-grams
     "relevance",      # cosine(instruction, response) with MiniLM
+    "offtopic",       # max(0, OFFTOPIC_COSINE - relevance) / OFFTOPIC_COSINE: off the topic
     "overlap",        # share of the instruction's content words that the response uses
     "list_items",     # log(1 + lines that are bullet or numbered items)
     "headers",        # log(1 + markdown headers and bold-only lines)
@@ -53,6 +57,10 @@ FEATURES = (
     "clean_end",      # 1 if the text ends with sentence-final punctuation or a closing fence
     "wordlike",       # share of whitespace tokens that contain a letter or digit run
     "refusal",        # 1 if the response opens with an apology or refusal
+    "markup",         # log(1 + leaked chat-role markup: <|user|>, <start_of_turn>, ### Human:, ...)
+    "questions",      # share of sentences that are questions (0 when the instruction asks for any)
+    "echo",           # share of the instruction's word 4-grams that the response repeats
+    "dup_lines",      # share of non-blank lines that repeat an earlier line
 )
 
 DEFAULTS: dict[str, Any] = {
@@ -70,6 +78,11 @@ DEFAULTS: dict[str, Any] = {
     "soft": True,
     "l2": 1.0,  # fitting only (judge-agreement --refit): no effect on verdicts
     "fixed": [],  # fitting only: weights set by hand, kept by --refit
+    "fit_sources": [],  # fitting only: validation sets fitted on (harness.judging.validation)
+    "source_weights": {},  # fitting only: each fitted source's share of the total weight
+    "stage_sources": [],  # fitting only: sources of each fitting stage
+    "stage_features": [],  # fitting only: features fitted in each stage
+    "exclude_models": [],  # fitting only: annotated models never fitted on
 }
 
 #: Parameters each method reads: only these (defaults filled in) go into the judge's key.
@@ -88,7 +101,8 @@ _PARAM_TYPES: dict[str, Any] = {
     "target_words": (int, float), "length_tolerance_words": (int, float),
     "empty_max_words": int, "unit": str, "relevance_margin": (int, float),
     "relevance_max_length": int, "weights": dict, "soft": bool, "l2": (int, float),
-    "fixed": list,
+    "fixed": list, "fit_sources": list, "source_weights": dict, "stage_sources": list,
+    "stage_features": list, "exclude_models": list,
 }
 
 _WORD = re.compile(r"\w+")
@@ -100,6 +114,12 @@ _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
 _CLEAN_END = re.compile(r"""(?:[.!?…:;)\]}"'»”’*`]|```)\s*$""")
 _REFUSAL = re.compile(r"^\W*(?:i'?m sorry|i am sorry|sorry,|i apologi[sz]e|as an ai|i cannot|"
                       r"i can'?t|i am unable|i'm unable|unfortunately,? i)", re.IGNORECASE)
+_MARKUP = re.compile(
+    r"<\|[^|<>\n]{1,24}\|?>|<[A-Za-z_]{1,24}\|>|</?s>|<(?:start|end)_of_turn>|<bos>|<eos>"
+    r"|\[/?INST\]|^\s*#{1,4}\s*(?:Instruction|Response|Input|Human|Assistant|User)\b"
+    r"|^\s*(?:User|Human|Assistant|AI|System)\s*:", re.MULTILINE | re.IGNORECASE)
+_SENTENCE = re.compile(r"[^.!?\n]+[.!?]+|[^.!?\n]+$", re.MULTILINE)
+_ASKS_QUESTIONS = re.compile(r"question|quiz|\bask|riddle|faq|trivia", re.IGNORECASE)
 _STOPWORDS = frozenset(
     "a an the and or but if of to in on at by for with from as is are was were be been being it "
     "its this that these those i you he she we they me my your our their what which who whom how "
@@ -147,6 +167,10 @@ def instruction_overlap(instruction: str, output: str) -> float:
     return len(wanted.intersection(_tokens(output))) / len(wanted)
 
 
+#: Features computed from MiniLM embeddings rather than from the text alone.
+EMBEDDING_FEATURES = ("relevance", "offtopic")
+
+
 def text_features(instruction: str, candidate: Candidate, ngram: int = 3) -> dict[str, float]:
     """Every feature of FEATURES except relevance (which needs embeddings) for one response."""
     return dict(_text_features(instruction, candidate.output, ended_on_its_own(candidate), ngram))
@@ -173,7 +197,32 @@ def _text_features(instruction: str, text: str, ended: bool,
         "wordlike": (sum(1 for t in toks if re.search(r"[^\W_]{2,}", t)) / len(toks))
         if toks else 0.0,
         "refusal": float(bool(_REFUSAL.match(text))),
+        "markup": math.log1p(len(_MARKUP.findall(text))),
+        "questions": 0.0 if _ASKS_QUESTIONS.search(instruction) else question_share(text),
+        "echo": echo_share(instruction, text),
+        "dup_lines": duplicate_line_share(text),
     }.items())
+
+
+def question_share(text: str) -> float:
+    """Share of the text's sentences (split at . ! ? and line ends) that end with a '?'."""
+    sentences = [s.strip() for s in _SENTENCE.findall(text) if _WORD.search(s)]
+    return sum(s.endswith("?") for s in sentences) / len(sentences) if sentences else 0.0
+
+
+def echo_share(instruction: str, text: str, n: int = 4) -> float:
+    """Share of the instruction's distinct word n-grams found in the response (an echo is 1)."""
+    ins, out = _tokens(instruction), _tokens(text)
+    grams = set(zip(*(ins[i:] for i in range(n)), strict=False))
+    if not grams:
+        return 0.0
+    return len(grams & set(zip(*(out[i:] for i in range(n)), strict=False))) / len(grams)
+
+
+def duplicate_line_share(text: str) -> float:
+    """Share of non-blank lines equal (case and spacing aside) to an earlier line."""
+    lines = [" ".join(x.lower().split()) for x in text.splitlines() if x.strip()]
+    return 1.0 - len(set(lines)) / len(lines) if lines else 0.0
 
 
 def relevance_scores(items: Sequence[PairwiseItem], max_length: int = 128) -> np.ndarray:
@@ -191,24 +240,28 @@ def feature_differences(items: Sequence[PairwiseItem], feature_names: Sequence[s
                         ngram: int = 3, relevance_max_length: int = 128) -> np.ndarray:
     """(n, k) matrix: feature of output_2 minus feature of output_1 for each item."""
     out = np.zeros((len(items), len(feature_names)))
-    text_names = [f for f in feature_names if f != "relevance"]
+    text_names = [f for f in feature_names if f not in EMBEDDING_FEATURES]
     for i, it in enumerate(items):
         f1 = text_features(it.instruction, it.output_1, ngram)
         f2 = text_features(it.instruction, it.output_2, ngram)
         for j, name in enumerate(feature_names):
             if name in text_names:
                 out[i, j] = f2[name] - f1[name]
-    if "relevance" in feature_names and items:
+    if set(EMBEDDING_FEATURES) & set(feature_names) and items:
         rel = relevance_scores(items, relevance_max_length)
-        out[:, list(feature_names).index("relevance")] = rel[:, 1] - rel[:, 0]
+        off = np.maximum(0.0, OFFTOPIC_COSINE - rel) / OFFTOPIC_COSINE
+        for name, values in (("relevance", rel), ("offtopic", off)):
+            if name in feature_names:
+                out[:, list(feature_names).index(name)] = values[:, 1] - values[:, 0]
     return out
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1.0, offset: np.ndarray | None = None,
-                 iterations: int = 50) -> np.ndarray:
+                 iterations: int = 50, sample_weight: np.ndarray | None = None) -> np.ndarray:
     """Weights w (no intercept) maximising sum y*log p + (1-y)*log(1-p), p = sigmoid(x@w + offset).
 
-    y may be soft (in [0, 1]). Columns are standardised for the L2 penalty (l2 * |w_std|^2 / 2)
+    y may be soft (in [0, 1]); sample_weight scales each row's log-likelihood (default 1).
+    Columns are standardised for the L2 penalty (l2 * |w_std|^2 / 2)
     and the weights returned on the raw scale; constant columns get weight 0. Newton's method.
     """
     n, k = x.shape
@@ -217,11 +270,12 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1.0, offset: np.ndarr
     xs = np.zeros_like(x)
     xs[:, live] = x[:, live] / scale[live]
     off = np.zeros(n) if offset is None else offset
+    sw = np.ones(n) if sample_weight is None else np.asarray(sample_weight, dtype=float)
     w = np.zeros(k)
     for _ in range(iterations):
         p = sigmoid(xs @ w + off)
-        grad = xs.T @ (p - y) + l2 * w
-        hess = (xs * (p * (1 - p))[:, None]).T @ xs + l2 * np.eye(k)
+        grad = xs.T @ (sw * (p - y)) + l2 * w
+        hess = (xs * (sw * p * (1 - p))[:, None]).T @ xs + l2 * np.eye(k)
         step = np.linalg.solve(hess, grad)
         w -= step
         if np.max(np.abs(step)) < 1e-8:
@@ -308,8 +362,8 @@ def _criterion(name: str, item: PairwiseItem, p: dict[str, Any]) -> tuple[float,
 
 def uses_relevance(params: dict[str, Any]) -> bool:
     """True when a judge's verdicts depend on MiniLM embeddings."""
-    return params["method"] == "relevance" or (params["method"] == "combined"
-                                               and "relevance" in params["weights"])
+    return params["method"] == "relevance" or (
+        params["method"] == "combined" and bool(set(EMBEDDING_FEATURES) & set(params["weights"])))
 
 
 def resolved_spec(spec: JudgeSpec, params: dict[str, Any]) -> JudgeSpec:
