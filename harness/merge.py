@@ -275,6 +275,7 @@ def merge(dirs: Sequence[Path], out: Path | None = None, run_id: str | None = No
                 "judged": sum(m.get("judged", 0) for m in metas),
                 "scored": sum(m.get("scored", 0) for m in metas),
                 "seconds": round(seconds, 1),
+                "judge_validity": metas[0].get("judge_validity") or {"measured": False},
                 "stage_seconds": {"merge": round(seconds - analysed, 1),
                                   "analyse": round(analysed, 1)},
                 "analysis_seconds": task_seconds,

@@ -603,6 +603,13 @@ def cap_against_eos(prefs: Sequence[float | None], ref_finish: Sequence[str],
             "win_rate_without_cap_vs_eos": without}
 
 
+def order_agreement(infos: Sequence[dict[str, Any]]) -> float | None:
+    """For a judge asked in both orders (an LLM judge's both_orders mode): the share of its
+    verdicts whose two orders picked the same winner; None for any other judge."""
+    both = [not info["orders_disagree"] for info in infos if "orders_disagree" in info]
+    return sum(both) / len(both) if both else None
+
+
 def _head_to_head(task: Task, specs: Sequence[ModelSpec], reference: ModelSpec,
                   generations: dict[Where, GenerationRecord],
                   judgments: dict[Where, JudgmentRecord]
@@ -636,10 +643,10 @@ def _head_to_head(task: Task, specs: Sequence[ModelSpec], reference: ModelSpec,
                             for i in task.instructions]
                 row.update(cap_against_eos(prefs, [g.finish_reason for g in ref_gens],
                                            [g.finish_reason for g in gens]))
-            judged = [judgments[(task.name, spec.name, i.id)].info for i in task.instructions]
-            both = [not j["orders_disagree"] for j in judged if "orders_disagree" in j]
-            if both:  # an LLM judge asked in both orders: how often the two agree
-                row["order_agreement"] = float(np.mean(both))
+            agree = order_agreement([judgments[(task.name, spec.name, i.id)].info
+                                     for i in task.instructions])
+            if agree is not None:
+                row["order_agreement"] = agree
             refs = [i.reference if ref_variant is None else
                     generations[(task.name, ref_variant, i.id)].output
                     for i in task.instructions]

@@ -15,7 +15,7 @@ from harness.judging import blind, contrastive
 from harness.judging import heuristic as hj
 from harness.judging import validation as jv
 from harness.judging.protocol import Candidate, JudgeSpec, PairwiseItem
-from harness.runner import cap_against_eos
+from harness.runner import cap_against_eos, order_agreement
 
 HAS_SHARED = (shared_data_dir() / "alpaca_eval" / "annotations").is_dir()
 needs_shared = pytest.mark.skipif(not HAS_SHARED, reason="needs ../shared/data")
@@ -238,11 +238,21 @@ def test_cap_against_eos_figures_and_warning():
     assert out["cap_vs_eos_share"] == pytest.approx(2 / 5)
     assert out["cap_vs_eos_win_share"] == pytest.approx(2 / 3.5)
     assert out["win_rate_without_cap_vs_eos"] == pytest.approx(100 * 1.5 / 3)
-    row = {"task": "t", "model": "m", "role": "variant", **out}
+    row = {"task": "t", "model": "m", "role": "variant", **out, "win_rate": 70.0,
+           "win_rate_without_cap_vs_eos": 20.0}
     assert "warning: t/m: 57%" in cap_warning(row)
     assert cap_warning({**row, "cap_vs_eos_win_share": 0.4}) == ""
+    # most wins come from such pairs, but the other pairs win as often: no warning
+    assert cap_warning({**row, "win_rate_without_cap_vs_eos": 60.0}) == ""
     none = cap_against_eos([1.0, 1.0], ["eos", "eos"], ["eos", "eos"])
     assert none["cap_vs_eos_win_share"] is None and none["cap_vs_eos_share"] == 0
+
+
+def test_order_agreement_of_a_judge_asked_in_both_orders():
+    infos = [{"orders_disagree": False}, {"orders_disagree": True}, {"orders_disagree": False},
+             {"order": "none"}]
+    assert order_agreement(infos) == pytest.approx(2 / 3)
+    assert order_agreement([{"method": "combined"}]) is None
 
 
 # ------------------------------------------------------------------- the whole suite
