@@ -80,14 +80,15 @@ def headline(r: dict[str, Any]) -> str:
 def cap_warning(r: dict[str, Any]) -> str:
     """One line when a variant's win rate rests mostly on pairs where the reference hit the
     token cap and the variant ended on EOS: more than half of its win mass comes from them, and
-    without any pair where one side hit the cap it would be under half as large; "" otherwise."""
-    share, without = r.get("cap_vs_eos_win_share"), r.get("win_rate_without_cap_vs_eos")
-    if r.get("role") == "reference" or share is None or share <= 0.5 or \
-            (without is not None and without >= 0.5 * (r.get("win_rate") or 0.0)):
+    it wins more often there than on the pairs where neither or both hit the cap; "" otherwise."""
+    share = r.get("cap_vs_eos_win_share")
+    there, elsewhere = r.get("win_rate_cap_vs_eos"), r.get("win_rate_without_cap_vs_eos")
+    if r.get("role") == "reference" or share is None or share <= 0.5 or there is None or \
+            (elsewhere is not None and there <= elsewhere):
         return ""
     return (f"warning: {r['task']}/{r['model']}: {100 * share:.0f}% of its win rate comes from "
-            f"pairs where the reference hit the cap and it ended on EOS; without any pair "
-            f"where one side hit the cap: {_fmt(r.get('win_rate_without_cap_vs_eos'))}")
+            f"pairs where the reference hit the cap and it ended on EOS; it wins {_fmt(there)}% "
+            f"of the pairs where one side hit the cap, {_fmt(elsewhere)}% of the others")
 
 
 def validity_line(v: dict[str, Any] | None, judge: str) -> str:

@@ -33,7 +33,8 @@ LEADERBOARD = (("model", "variant"), ("n", "n"), ("win_rate", "win rate %"),
                ("record", "wins / ties / losses"), ("mean_tokens", "mean tokens"),
                ("eos_share", "ended on EOS %"),
                ("cap_vs_eos_share", "one side cut %"),
-               ("win_rate_without_cap_vs_eos", "win rate % without those"),
+               ("win_rate_cap_vs_eos", "win rate % there"),
+               ("win_rate_without_cap_vs_eos", "win rate % elsewhere"),
                ("order_agreement", "judge's two orders agree %"))
 
 
@@ -129,6 +130,7 @@ def _leaderboard(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "eos_share": None if eos is None else 100 * eos,
             "cap_vs_eos_share": None if ref or r.get("cap_vs_eos_share") is None
             else 100 * r["cap_vs_eos_share"],
+            "win_rate_cap_vs_eos": None if ref else r.get("win_rate_cap_vs_eos"),
             "win_rate_without_cap_vs_eos": None if ref else r.get("win_rate_without_cap_vs_eos"),
             "order_agreement": None if r.get("order_agreement") is None
             else 100 * r["order_agreement"]})

@@ -582,7 +582,8 @@ def cap_against_eos(prefs: Sequence[float | None], ref_finish: Sequence[str],
                     var_finish: Sequence[str]) -> dict[str, Any]:
     """How much of a variant's result rests on pairs where exactly one side hit the token cap:
     their share of the verdicts, the share of the variant's win mass from pairs where the
-    reference was cut and the variant ended on EOS, and the win rate without any such pair."""
+    reference was cut and the variant ended on EOS, and the win rates on such pairs and on
+    the others."""
     from harness.stats import win_rate_summary
 
     one_cut = [(r == "length") != (v == "length") for r, v in zip(ref_finish, var_finish,
@@ -592,15 +593,17 @@ def cap_against_eos(prefs: Sequence[float | None], ref_finish: Sequence[str],
     total = sum(wins)
     from_cut_ref = sum(w for w, r, v in zip(wins, ref_finish, var_finish, strict=True)
                        if r == "length" and v != "length")
-    rest = [p for p, c in zip(prefs, one_cut, strict=True) if not c]
-    try:
-        without = win_rate_summary(rest)["win_rate"] if rest else None
-    except DataError:
-        without = None
+    def rate(keep: bool) -> float | None:
+        chosen = [p for p, c in zip(prefs, one_cut, strict=True) if c == keep]
+        try:
+            return win_rate_summary(chosen)["win_rate"] if chosen else None
+        except DataError:  # no valid verdict among them
+            return None
+
     return {"cap_vs_eos_share": sum(c for c, ok in zip(one_cut, valid, strict=True) if ok)
             / max(1, sum(valid)),
             "cap_vs_eos_win_share": from_cut_ref / total if total > 0 else None,
-            "win_rate_without_cap_vs_eos": without}
+            "win_rate_cap_vs_eos": rate(True), "win_rate_without_cap_vs_eos": rate(False)}
 
 
 def order_agreement(infos: Sequence[dict[str, Any]]) -> float | None:

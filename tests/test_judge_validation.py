@@ -238,12 +238,12 @@ def test_cap_against_eos_figures_and_warning():
     assert out["cap_vs_eos_share"] == pytest.approx(2 / 5)
     assert out["cap_vs_eos_win_share"] == pytest.approx(2 / 3.5)
     assert out["win_rate_without_cap_vs_eos"] == pytest.approx(100 * 1.5 / 3)
-    row = {"task": "t", "model": "m", "role": "variant", **out, "win_rate": 70.0,
-           "win_rate_without_cap_vs_eos": 20.0}
-    assert "warning: t/m: 57%" in cap_warning(row)
+    assert out["win_rate_cap_vs_eos"] == pytest.approx(100.0)
+    row = {"task": "t", "model": "m", "role": "variant", **out}
+    assert "warning: t/m: 57%" in cap_warning(row) and "wins 100.0%" in cap_warning(row)
     assert cap_warning({**row, "cap_vs_eos_win_share": 0.4}) == ""
     # most wins come from such pairs, but the other pairs win as often: no warning
-    assert cap_warning({**row, "win_rate_without_cap_vs_eos": 60.0}) == ""
+    assert cap_warning({**row, "win_rate_cap_vs_eos": 40.0}) == ""
     none = cap_against_eos([1.0, 1.0], ["eos", "eos"], ["eos", "eos"])
     assert none["cap_vs_eos_win_share"] is None and none["cap_vs_eos_share"] == 0
 
