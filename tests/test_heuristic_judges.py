@@ -169,7 +169,7 @@ def test_fit_logistic_recovers_weights():
 
 
 def test_default_judge_prefers_finished_clean_answers_on_real_pairs_and_is_symmetric():
-    """The default judge (heuristic_combined) on real AlpacaEval pairs: swapping the outputs
+    """The default judge on real AlpacaEval pairs: swapping the outputs
     mirrors every preference, and an answer cut off in a loop loses to a finished one."""
     from harness.runner import DEFAULT_JUDGE
 

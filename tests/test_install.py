@@ -44,8 +44,15 @@ def test_installed_wheel_lists_built_in_configs_from_another_directory(venv, tmp
     out = _harness(python, tmp_path, "list")
     assert out.returncode == 0, out.stderr
     for name in ("smollm2-135m-instruct [reference]", "gemma3-270m+rules", "instructions",
-                 "alpaca_eval", "heuristic_combined", "local_openai"):
+                 "alpaca_eval", "heuristic_combined", "content", "local_openai"):
         assert name in out.stdout
+    # the validation suite's labels and the judges' figures ship inside the wheel
+    shipped = subprocess.run(
+        [str(python), "-c", "from harness.judging import blind, validation as v; "
+         "print(len(blind.read_pairs()), len(blind.read_labels()), "
+         "v.shipped_figures('content').is_file())"],
+        cwd=tmp_path, capture_output=True, text=True)
+    assert shipped.stdout.split() == ["400", "400", "True"], shipped.stderr
 
 
 def test_a_project_folder_adds_models_tasks_and_judges_and_runs(venv, tiny_dirs, tmp_path):

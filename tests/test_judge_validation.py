@@ -301,3 +301,44 @@ def test_default_judge_meets_its_targets_held_out():
     assert blind_all["agreement"] >= 90 and blind_all["n"] >= 300
     assert all(abs(r["delta"]) <= 5 for r in figures["blind"])
     assert figures["annotations"]["adversarial_win_rates"]["NullModel"]["judge"] < 10
+
+
+@needs_shared
+def test_validate_judges_command_prints_the_three_sets(tmp_path, capsys, monkeypatch):
+    from harness.cli import main
+
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "figures.json"
+    assert main(["validate-judges", "--judges", "longer,termination", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    for part in ("(a) contrastive", "cut_vs_offtopic (n=400)", "(b) blind-labelled",
+                 "g+rules", "(c) AlpacaEval", "without NullModel", "NullModel win rate (76.9)"):
+        assert part in text, part
+    figures = json.loads(out.read_text())
+    assert [f["judge"] for f in figures] == ["longer", "termination"]
+    assert figures[0]["annotations"]["agreement"] == pytest.approx(88.1, abs=0.05)
+    assert figures[1]["annotations"]["agreement"] is None  # it never decides: no agreement
+    # cached per resolved spec: a run with that judge finds them
+    assert jv.cached_figures(jv.build_judge(jv.resolve_spec("longer")).spec) is not None
+
+
+def test_blind_pairs_command_writes_pairs_and_reader_views(tmp_path, capsys):
+    from harness.cli import main
+    from harness.records import GenerationRecord, to_dict
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [GenerationRecord(key=f"k{n}", prompt="p", n_prompt_tokens=1, n_tokens=3,
+                             task=g["task"], model=g["model"], instruction_id=g["instruction_id"],
+                             instruction=g["instruction"], output=g["output"],
+                             finish_reason=g["finish_reason"])
+            for n, g in enumerate(_gens(("implicit_ins_val",)))]
+    (run / "generations.jsonl").write_text("".join(json.dumps(to_dict(r)) + "\n" for r in rows))
+    (run / "summary.json").write_text(json.dumps({"meta": {"reference": "ref"}, "rows": []}))
+    pairs, views = tmp_path / "pairs.jsonl", tmp_path / "views.jsonl"
+    assert main(["blind-pairs", str(run), "--out", str(pairs), "--views", str(views),
+                 "--per-variant", "3"]) == 0
+    assert len(blind.read_pairs(pairs)) == 6
+    shown = [json.loads(line) for line in views.read_text().splitlines()]
+    assert all(set(v) == {"pair_id", "instruction", "A", "B"} for v in shown)
+    assert main(["blind-pairs", str(tmp_path), "--out", str(pairs)]) == 2  # not a run
