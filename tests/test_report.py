@@ -69,3 +69,27 @@ def test_report_of_a_missing_run_is_one_line(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "run directory not found" in err[0]
+
+
+def test_judge_validity_and_cap_figures_in_summary_and_report(finished, tiny_setup, capsys):
+    """A judge with measured figures (longer's ship with the package) has them in summary.json
+    and the report's header; one without says how to measure them; the leaderboard shows the
+    share of pairs where one side hit the cap."""
+    import json
+
+    other = run(RunConfig(models="all", tasks=(str(tiny_setup["task"]),), judge="longer",
+                          results_dir=tiny_setup["results"],
+                          registry_path=tiny_setup["registry"]))
+    meta = json.loads((other.run_dir / "summary.json").read_text())["meta"]
+    v = meta["judge_validity"]
+    assert v["measured"] and v["contrastive_worst_category"] == "cut_vs_offtopic"
+    assert v["blind_n"] >= 300 and v["annotations_agreement"] is not None
+    html = other.report_path.read_text()
+    header = html.split('id="judge-validity"')[1].split("</dd>")[0]
+    assert f"{v['contrastive_all']:.1f}%" in header and "leave-one-model-out" in header
+    assert "one side cut %" in html and "win rate % elsewhere" in html
+    row = next(r for r in other.summary if r["model"] == "tiny-base")
+    assert 0.0 <= row["cap_vs_eos_share"] <= 1.0
+    unmeasured = json.loads((finished.run_dir / "summary.json").read_text())["meta"]
+    assert unmeasured["judge_validity"] == {"measured": False}
+    assert "not measured for this judge" in finished.report_path.read_text()

@@ -40,6 +40,7 @@ def test_report_renders_in_chromium_and_escapes_outputs(tiny_setup, monkeypatch,
     assert "<img" not in dom and "&lt;img src=x" in dom  # the output stayed text
     assert 'id="figure-tiny-win-rates"' in dom and "<svg" in dom  # the figure, inline
     assert 'id="leaderboard-tiny"' in dom
+    assert 'id="judge-validity"' in dom and "one side cut %" in dom  # the judge's validity
     # sorting runs in the browser: the address asks for the win-rate column, descending
     sorted_dom = subprocess.run(
         flags + ["--virtual-time-budget=3000", "--dump-dom",
