@@ -77,14 +77,20 @@ def headline(r: dict[str, Any]) -> str:
     return ""
 
 
+#: How much more often (in win-rate points) a variant must win the pairs where only the
+#: reference hit the cap than the others before the table warns.
+CAP_WARNING_POINTS = 5.0
+
+
 def cap_warning(r: dict[str, Any]) -> str:
     """One line when a variant's win rate rests mostly on pairs where the reference hit the
     token cap and the variant ended on EOS: more than half of its win mass comes from them, and
-    it wins more often there than on the pairs where neither or both hit the cap; "" otherwise."""
+    it wins there at least CAP_WARNING_POINTS more than on the pairs where neither or both hit
+    the cap; "" otherwise."""
     share = r.get("cap_vs_eos_win_share")
     there, elsewhere = r.get("win_rate_cap_vs_eos"), r.get("win_rate_without_cap_vs_eos")
     if r.get("role") == "reference" or share is None or share <= 0.5 or there is None or \
-            (elsewhere is not None and there <= elsewhere):
+            (elsewhere is not None and there < elsewhere + CAP_WARNING_POINTS):
         return ""
     return (f"warning: {r['task']}/{r['model']}: {100 * share:.0f}% of its win rate comes from "
             f"pairs where the reference hit the cap and it ended on EOS; it wins {_fmt(there)}% "
