@@ -3,6 +3,7 @@ project folder (its own models.toml, tasks/ and judges/) adds to them."""
 
 import json
 import os
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,11 @@ def venv(tmp_path_factory):
     wheel = next((root / "dist").glob("harness-*.whl"))
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(root / "venv")],
                    check=True)
+    # --system-site-packages sees the base interpreter's packages only; when these tests run
+    # inside a virtual environment (as the README's commands do), its packages must be seen too
+    site_dir = next((root / "venv" / "lib").glob("python*/site-packages"))
+    (site_dir / "outer-environment.pth").write_text(
+        "\n".join(p for p in site.getsitepackages() if Path(p).is_dir()) + "\n")
     python = root / "venv" / "bin" / "python"
     subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "-q",
                     str(wheel)], check=True)
