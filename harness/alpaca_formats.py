@@ -9,6 +9,7 @@ from typing import Any
 
 import pandas as pd
 
+from harness.configs import path_component
 from harness.errors import DataError
 
 _OUTPUT_FIELDS = ("instruction", "output", "generator", "dataset")
@@ -213,6 +214,8 @@ def export_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
         raise DataError(f"{run_dir} is not a run directory (no generations.jsonl)")
     out_dir = Path(out_dir) if out_dir else run_dir / "alpaca_eval"
     gens = list(RecordLog(gens_path, GenerationRecord, by_row))
+    for model in dict.fromkeys(g.model for g in gens):  # each becomes <out>/<model>/
+        path_component(model, f"{gens_path}: variant name")
     by_where = {(g.task, g.model, g.instruction_id): g for g in gens}
     written = []
     for model in dict.fromkeys(g.model for g in gens):

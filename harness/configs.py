@@ -8,6 +8,7 @@ means the project's.
 """
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,20 @@ from harness.errors import ConfigError, unknown_name
 
 #: Environment variable naming the project folder (set by --project; default: the working dir).
 PROJECT_ENV = "HARNESS_PROJECT"
+#: A name that becomes one file or folder name (a run id, a task or a variant name): a letter
+#: or digit, then letters, digits and . _ + @ = - (no separator, no leading dot, no "..").
+_PATH_COMPONENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+@=-]{0,199}")
+
+
+def path_component(value: str, what: str, reserved: tuple[str, ...] = ()) -> str:
+    """value if it is safe as one file or folder name (so no name steers a write outside the
+    results folder); one ConfigError line otherwise."""
+    if not isinstance(value, str) or not _PATH_COMPONENT.fullmatch(value) or ".." in value:
+        raise ConfigError(f"{what} {value!r} cannot be a file name: use letters, digits and "
+                          f". _ + @ = - (starting with a letter or digit, no '..', at most 200)")
+    if value in reserved:
+        raise ConfigError(f"{what} {value!r} is reserved (results/{value} is the harness's own)")
+    return value
 
 
 def builtin_dir() -> Path:

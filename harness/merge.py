@@ -20,10 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.configs import path_component
 from harness.errors import ConfigError, DataError
 from harness.hashing import canonical_json, content_hash
 from harness.records import GenerationRecord, JudgmentRecord, Record, ScoreRecord
 from harness.runner import (
+    RESERVED_RUN_IDS,
     RunConfig,
     RunResult,
     Where,
@@ -201,6 +203,8 @@ def merge(dirs: Sequence[Path], out: Path | None = None, run_id: str | None = No
     start = time.time()
     if not dirs:
         raise ConfigError("merge: give the shard run directories to merge")
+    if run_id is not None:  # one folder in the results directory, checked before any work
+        path_component(run_id, "--run-id", RESERVED_RUN_IDS)
     runs = [read_shard(Path(d)) for d in dirs]
     present = check_set(runs, allow_partial)
     count = runs[0].shard.count

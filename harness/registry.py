@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.backend_config import ALL_FIELDS, BackendOptions, parse_backend
-from harness.configs import expect, read_toml, registry_files
+from harness.configs import expect, path_component, read_toml, registry_files
 from harness.errors import ConfigError, unknown_name
 from harness.hashing import content_hash
 from harness.rules_config import RULES_VERSION, RulesConfig
@@ -162,6 +162,7 @@ def parse_decoding(table: Any, where: str) -> DecodingSpec:
 
 def _validate(name: str, entry: dict[str, Any], defaults: dict[str, Any]) -> ModelSpec:
     where = f"models.toml [models.{name}]"
+    path_component(name, "models.toml: variant name")  # exports write <run>/<variant>/...
     known = set(ModelSpec.__dataclass_fields__) - {"name", "backend_options"}
     unknown = set(entry) - known - {"base"} - ALL_FIELDS
     if unknown:

@@ -18,7 +18,7 @@ from typing import Any
 from tqdm import tqdm
 
 from harness import __version__
-from harness.configs import project_dir
+from harness.configs import path_component, project_dir
 from harness.errors import ConfigError, DataError
 from harness.generation import DEFAULT_BATCH_SIZE
 from harness.hashing import canonical_json, content_hash, file_sha256
@@ -42,6 +42,8 @@ from harness.tune_config import is_built, require_build
 #: The default judge: heuristic features calibrated against GPT-4-turbo's AlpacaEval judgments
 #: (90% held-out agreement; no API). `heuristic` is the simpler cascade.
 DEFAULT_JUDGE = "content"
+#: Folders of a results directory that are not runs (the shared record cache).
+RESERVED_RUN_IDS = ("cache",)
 
 #: (task name, variant name, instruction id): where a record sits in a run's tables.
 Where = tuple[str, str, str]
@@ -892,6 +894,8 @@ def run(config: RunConfig) -> RunResult:
     from harness.weights import prepare_weights
 
     start = time.time()
+    if config.run_id is not None:  # before any work: a run id is one folder in the results
+        path_component(config.run_id, "--run-id", RESERVED_RUN_IDS)
     specs, reference, tasks, judge = resolve(config)
     prepare_weights(specs)  # a first run's GGUF conversions, side by side
     by_source: dict[str, Any] = {}  # variants of one base model share its tokenizer

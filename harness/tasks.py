@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.configs import available, expect, load_named_toml
+from harness.configs import available, expect, load_named_toml, path_component
 from harness.errors import ConfigError, unknown_name
 from harness.hashing import content_hash
 from harness.instruction_sets import (
@@ -155,7 +155,7 @@ def load_task(name: str, limit: int | None = None) -> Task:
         raise ConfigError(f"{where}: reference must be a variant name or \"{STORED}\"")
     options = _kind_options(kind, {k: v for k, v in data.items() if k not in _COMMON},
                             where, path.parent)
-    task_name = data.get("name", path.stem)
+    task_name = path_component(data.get("name", path.stem), f"{where}: task name")
     if kind == "ranking":
         if "instructions" in data:
             raise ConfigError(f"{where}: kind 'ranking' reads 'pairs', not 'instructions'")

@@ -502,3 +502,53 @@ def test_a_key_echoed_by_the_judge_never_reaches_disk(setup, tmp_path, capsys, m
     assert any(p.name == "judgments.jsonl" for p in written)
     for path in written:
         assert key.encode() not in path.read_bytes(), path
+
+
+# ------------------------------------------- names that become paths (second hostile probe)
+
+
+@pytest.mark.parametrize("run_id", ["../../x", "/abs/path", "..", "a/b", "cache", ".hidden",
+                                    ""])
+def test_a_run_id_that_is_not_one_safe_folder_is_refused_before_any_work(setup, tmp_path,
+                                                                          capsys, run_id):
+    results = tmp_path / "deep" / "results"
+    argv = ["run", "--registry", str(setup["registry"]), "--tasks", str(setup["task"]),
+            "--results-dir", str(results), "--run-id", run_id, "--judge", "longer"]
+    err = _one_line_error(capsys, argv)
+    assert "--run-id" in err
+    assert not (tmp_path / "deep").exists() and not (tmp_path / "x").exists()  # nothing made
+
+
+def test_merge_refuses_an_unsafe_run_id(setup, tmp_path, capsys):
+    err = _one_line_error(capsys, ["merge", str(setup["baseline"]), "--run-id", "../out"])
+    assert "--run-id '../out'" in err and not (setup["baseline"].parent.parent / "out").exists()
+
+
+def test_a_task_whose_name_is_a_path_is_refused_before_any_work(setup, tmp_path, capsys):
+    task = _task(tmp_path / "t", 3)
+    task.write_text('name = "../../../x"\ninstructions = "faults.jsonl"\n')
+    argv = ["run", "--registry", str(setup["registry"]), "--tasks", str(task),
+            "--results-dir", str(tmp_path / "results"), "--judge", "longer"]
+    assert "task name '../../../x'" in _one_line_error(capsys, argv)
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_variant_whose_name_is_a_path_is_refused(setup, tmp_path, capsys):
+    text = setup["registry"].read_text().replace("[models.tiny-base]",
+                                                 '[models."../../../../x"]')
+    registry = tmp_path / "models.toml"
+    registry.write_text(text)
+    argv = ["run", "--registry", str(registry), "--tasks", str(setup["task"]),
+            "--results-dir", str(tmp_path / "results"), "--judge", "longer"]
+    assert "variant name '../../../../x'" in _one_line_error(capsys, argv)
+
+
+def test_export_refuses_a_stored_variant_name_that_is_a_path(setup, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(setup["baseline"], run)
+    gens = _lines(run / "generations.jsonl")
+    gens[0]["model"] = "../../../../x"
+    (run / "generations.jsonl").write_text("".join(json.dumps(g) + "\n" for g in gens))
+    err = _one_line_error(capsys, ["export", str(run), "--out", str(tmp_path / "a" / "b")])
+    assert "variant name '../../../../x'" in err
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob("**/model_outputs.json"))
