@@ -73,6 +73,10 @@ def _load_records(path: Path, what: str) -> list[dict[str, Any]]:
     except json.JSONDecodeError as e:
         raise DataError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}): "
                         f"{e.msg}") from None
+    except (ValueError, RecursionError) as e:  # a number too long to read, or too deep
+        raise DataError(f"{path} is not readable JSON: "
+                        f"{'nested too deeply' if isinstance(e, RecursionError) else e}") \
+            from None
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of {what} records, "
                         f"got {type(data).__name__}")

@@ -7,14 +7,16 @@ judges/: its variants, tasks and judges add to the built-in ones, and a name def
 means the project's.
 """
 
+import json
 import os
 import re
+import stat
 import tomllib
 from pathlib import Path
 from typing import Any
 
 from harness import PROJECT_ROOT
-from harness.errors import ConfigError, unknown_name
+from harness.errors import ConfigError, DataError, HarnessError, unknown_name
 
 #: Environment variable naming the project folder (set by --project; default: the working dir).
 PROJECT_ENV = "HARNESS_PROJECT"
@@ -76,14 +78,47 @@ def available(kind: str) -> list[str]:
     return sorted({p.stem for d in config_dirs(kind) for p in d.glob("*.toml")})
 
 
+def read_user_text(path: Path, what: str, error: type[HarnessError] = ConfigError) -> str:
+    """A file a user wrote, as text: only a regular file (a FIFO or a device would block the
+    read forever), UTF-8 with or without a byte-order mark; one clear error otherwise."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise error(f"{what} not found: {path}") from None
+    except OSError as e:
+        raise error(f"cannot read {what} {path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(mode):
+        raise error(f"{what} {path} is not a regular file")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise error(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise error(f"cannot read {what} {path}: {e.strerror or e}") from None
+
+
+def read_json(path: Path, what: str) -> Any:
+    """A JSON file's value, or one DataError (missing, unreadable, malformed, a number too long
+    for Python to read, or nested too deeply)."""
+    text = read_user_text(path, what, DataError)
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise DataError(f"cannot read {what} {path}: nested too deeply") from None
+    except ValueError as e:  # malformed, or an integer past Python's digit limit
+        raise DataError(f"cannot read {what} {path}: {e}") from None
+
+
 def read_toml(path: Path, what: str) -> dict[str, Any]:
     """A TOML file's tables, or one clear ConfigError (missing, unreadable, malformed)."""
+    text = read_user_text(path, what)
     try:
-        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{what} not found: {path}") from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{what} {path}: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{what} {path}: nested too deeply") from None
 
 
 def find_named(kind: str, name_or_path: str) -> Path:

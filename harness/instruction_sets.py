@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.cache import read_packaged_file, shared_data_dir
-from harness.configs import expect
+from harness.configs import expect, read_user_text
 from harness.errors import ConfigError, DataError, HarnessError, unknown_name
 
 FORMATS = ("auto", "jsonl", "json", "mtbench")
@@ -122,6 +122,8 @@ def _parse_rows(text: str, is_json: bool, label: str) -> list[tuple[Any, str]]:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{label}: malformed JSON ({e.msg} at line {e.lineno})") from None
+        except (ValueError, RecursionError) as e:  # a huge integer, or nesting too deep
+            raise DataError(f"{label}: malformed JSON ({_json_problem(e)})") from None
         if not isinstance(rows, list):
             raise DataError(f"{label}: expected a JSON list of records")
         return [(r, f"{label}: record {i + 1}") for i, r in enumerate(rows)]
@@ -132,7 +134,17 @@ def _parse_rows(text: str, is_json: bool, label: str) -> list[tuple[Any, str]]:
                 out.append((json.loads(line), f"{label}:{lineno}"))
             except json.JSONDecodeError as e:
                 raise DataError(f"{label}:{lineno}: malformed JSON ({e.msg})") from None
+            except (ValueError, RecursionError) as e:
+                raise DataError(f"{label}:{lineno}: malformed JSON ({_json_problem(e)})") \
+                    from None
     return out
+
+
+def _json_problem(e: Exception) -> str:
+    """What is wrong with JSON that parsed as text but not as values."""
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    return f"a number too long to read: {str(e).split('(')[0].strip()}"
 
 
 def _mtbench_rows() -> tuple[list[tuple[Any, str]], str]:
@@ -156,7 +168,13 @@ def _field(row: dict, name: str, at: str, required: bool = True) -> str | None:
             isinstance(value, str) and required and not value.strip()):
         raise DataError(f"{at}: no '{name}' string" if value is None or value == ""
                         else f"{at}: '{name}' is not a string")
-    return str(value)
+    text = str(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON's "\ud800" escape: no text a model could read
+        raise DataError(f"{at}: '{name}' holds invalid Unicode (a lone surrogate at character "
+                        f"{e.start})") from None
+    return text
 
 
 def load_source(spec: SourceSpec, base_dir: Path) -> tuple[Instruction, ...]:
@@ -201,12 +219,7 @@ def load_source(spec: SourceSpec, base_dir: Path) -> tuple[Instruction, ...]:
 
 
 def _read_text(path: Path) -> str:
-    if not path.exists():
-        raise DataError(f"instruction file not found: {path}")
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read {path}: {e}") from None
+    return read_user_text(path, "instruction file", DataError)
 
 
 def reference_label(spec: SourceSpec, base_dir: Path) -> str:

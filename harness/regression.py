@@ -21,6 +21,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
 
+from harness.configs import read_json
 from harness.errors import ConfigError, DataError
 from harness.hashing import content_hash
 
@@ -99,12 +100,7 @@ def _prompts(run_dir: Path) -> dict[tuple[str, str], list[str]]:
 
 
 def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{what} not found: {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"cannot read {what} {path}: {e}") from None
+    return read_json(path, what)
 
 
 def rows_from_run(run_dir: Path) -> tuple[list[Row], dict[str, Any]]:

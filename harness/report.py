@@ -19,7 +19,7 @@ from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from harness.configs import report_template
+from harness.configs import read_json, report_template
 from harness.errors import DataError
 from harness.hashing import content_hash
 from harness.store import os_error
@@ -72,12 +72,7 @@ class StoredRun:
 
 
 def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{what} not found: {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"cannot read {what} {path}: {e}") from None
+    return read_json(path, what)
 
 
 def load_run(run_dir: Path, records: bool = True) -> StoredRun:

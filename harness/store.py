@@ -61,7 +61,7 @@ class RecordLog:
                 continue
             try:
                 raw = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            except (ValueError, RecursionError):  # not JSON, not UTF-8, a number too long
                 if end > len(data):  # torn final line from a kill: drop it
                     break
                 raise DataError(f"{self.path}:{lineno}: malformed record (not JSON); remove "

@@ -552,3 +552,76 @@ def test_export_refuses_a_stored_variant_name_that_is_a_path(setup, tmp_path, ca
     err = _one_line_error(capsys, ["export", str(run), "--out", str(tmp_path / "a" / "b")])
     assert "variant name '../../../../x'" in err
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob("**/model_outputs.json"))
+
+
+# ------------------------------------------------ files that hang, or parse into tracebacks
+
+
+def test_an_instruction_file_that_is_a_fifo_is_refused_not_read(setup, tmp_path):
+    """Reading a FIFO blocks until a writer comes: it must be refused, not waited on."""
+    fifo = tmp_path / "ins.jsonl"
+    os.mkfifo(fifo)
+    (tmp_path / "t.toml").write_text('instructions = "ins.jsonl"\n')
+    cmd = [sys.executable, "-m", "harness", "run", "--registry", str(setup["registry"]),
+           "--tasks", str(tmp_path / "t.toml"), "--results-dir", str(tmp_path / "results")]
+    done = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path / "cache"), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and "is not a regular file" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def _task_with(tmp_path: Path, line: str) -> list[str]:
+    (tmp_path / "ins.jsonl").write_text('{"instruction": "fine"}\n' + line + "\n")
+    (tmp_path / "t.toml").write_text('instructions = "ins.jsonl"\n')
+    return ["--tasks", str(tmp_path / "t.toml"), "--results-dir", str(tmp_path / "results")]
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"instruction": "bad \\ud800 text"}', "ins.jsonl:2: 'instruction' holds invalid Unicode"),
+    ('{"instruction": "x", "n": ' + "9" * 5000 + "}", "ins.jsonl:2: malformed JSON (a number"),
+    ('{"instruction": ' + "[" * 100_000 + "]" * 100_000 + "}",
+     "ins.jsonl:2: malformed JSON (nested too deeply)"),
+])
+def test_hostile_task_lines_are_one_line(setup, tmp_path, capsys, line, message):
+    argv = ["run", "--registry", str(setup["registry"]), *_task_with(tmp_path, line)]
+    assert message in _one_line_error(capsys, argv)
+
+
+def test_a_deeply_nested_registry_is_one_line(setup, tmp_path, capsys):
+    registry = tmp_path / "models.toml"
+    registry.write_text(setup["registry"].read_text() + "\nx = " + "[" * 5000 + "]" * 5000
+                        + "\n")
+    argv = ["run", "--registry", str(registry), "--tasks", str(setup["task"]),
+            "--results-dir", str(tmp_path / "results")]
+    assert "nested too deeply" in _one_line_error(capsys, argv)
+
+
+def test_a_huge_integer_in_a_stored_record_or_a_baseline_is_one_line(setup, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(setup["baseline"], run)
+    gens = (run / "generations.jsonl").read_text().splitlines()
+    gens[1] = gens[1].replace('"n_tokens": ', '"n_tokens": ' + "9" * 5000 + ", \"x\": ", 1)
+    (run / "generations.jsonl").write_text("\n".join(gens) + "\n")
+    err = _one_line_error(capsys, ["export", str(run)])
+    assert "generations.jsonl:2: malformed record" in err
+    baseline = tmp_path / "baseline.json"
+    assert main(["baseline", str(setup["baseline"]), "-o", str(baseline)]) == 0
+    capsys.readouterr()
+    baseline.write_text(baseline.read_text().replace('"n": ', '"n": ' + "9" * 5000 + ", \"y\": ",
+                                                     1))
+    err = _one_line_error(capsys, ["check", str(setup["baseline"]), "--baseline", str(baseline)])
+    assert "cannot read" in err and "baseline" in err
+
+
+def test_a_byte_order_mark_is_accepted_in_toml_and_jsonl(setup, tmp_path, capsys):
+    (tmp_path / "ins.jsonl").write_text('\ufeff{"instruction": "Name a colour."}\n',
+                                        encoding="utf-8")
+    (tmp_path / "t.toml").write_text('\ufeffname = "bom"\ninstructions = "ins.jsonl"\n',
+                                     encoding="utf-8")
+    registry = tmp_path / "models.toml"
+    registry.write_text("\ufeff" + setup["registry"].read_text(), encoding="utf-8")
+    argv = ["run", "--registry", str(registry), "--tasks", str(tmp_path / "t.toml"),
+            "--results-dir", str(tmp_path / "results"), "--judge", "longer",
+            "--max-new-tokens", "4", "--run-id", "bom"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert (tmp_path / "results" / "bom" / "summary.json").is_file()
