@@ -124,6 +124,11 @@ def generate(model: OpenAIModel, prompts: Sequence[str]) -> Iterator[tuple[int, 
             close()
 
 
+def _is_count(v: Any) -> bool:
+    """A whole number >= 0 (not a bool)."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 def _count(model: OpenAIModel, text: str) -> tuple[int, str]:
     if model.tokenizer is not None:
         return len(model.tokenizer(text, add_special_tokens=False)["input_ids"]), "tokenizer"
@@ -147,10 +152,14 @@ def _generation(model: OpenAIModel, body: dict[str, Any], attempts: int, seconds
     n_tokens = usage.get("completion_tokens") if usage else None
     info: dict[str, Any] = {"backend": "openai", "finish_reason": raw_finish, "usage": usage,
                             "attempts": attempts, "seconds": round(seconds, 4)}
-    if not isinstance(n_tokens, int) or isinstance(n_tokens, bool):
+    if not _is_count(n_tokens):
+        if n_tokens is not None:  # a server's impossible count is not stored as a count
+            info["usage_rejected"] = f"completion_tokens {n_tokens!r:.40} is not a count"
         n_tokens, info["n_tokens_from"] = _count(model, text)
     n_prompt = usage.get("prompt_tokens") if usage else None
-    if not isinstance(n_prompt, int) or isinstance(n_prompt, bool):
+    if not _is_count(n_prompt):
+        if n_prompt is not None:
+            info["usage_rejected_prompt"] = f"prompt_tokens {n_prompt!r:.40} is not a count"
         n_prompt = 0
     return Generation(output=text.strip(), n_prompt_tokens=n_prompt, n_tokens=n_tokens,
                       finish_reason="length" if raw_finish == "length" else "eos",

@@ -165,7 +165,23 @@ def from_dict(cls: type[Record], data: Any) -> Record:
             value is not None else value
     if cls is GenerationRecord and values["finish_reason"] not in FINISH_REASONS:
         raise RecordError(f"finish_reason must be one of {FINISH_REASONS}")
+    for name, (low, high) in _RANGES.get(cls.__name__, {}).items():
+        v = values.get(name)
+        finite = math.isfinite(v) or (v == -math.inf and low == -math.inf) if v is not None \
+            else True
+        if v is not None and not (finite and low <= v <= high):
+            raise RecordError(f"field '{name}' must be a number in [{low:g}, {high:g}], "
+                              f"got {v!r:.40}")
     return cls(**values)
+
+
+#: The ranges a stored record's numbers must lie in (a count is >= 0, a preference in [1, 2]).
+_RANGES: dict[str, dict[str, tuple[float, float]]] = {
+    "GenerationRecord": {"n_prompt_tokens": (0, math.inf), "n_tokens": (0, math.inf),
+                         "batch_seconds": (0, math.inf), "batch_size": (0, math.inf)},
+    "JudgmentRecord": {"preference": (1.0, 2.0)},
+    "ScoreRecord": {"logprob": (-math.inf, 0.0), "n_tokens": (0, math.inf)},
+}
 
 
 def to_dict(record: Record) -> dict[str, Any]:

@@ -121,17 +121,25 @@ def rows_from_run(run_dir: Path) -> tuple[list[Row], dict[str, Any]]:
             continue
         where = (r["task"], r["model"])
         outcomes = {i: j.preference for i, j in sorted(judgments.get(where, {}).items())}
-        rows.append(Row(
-            task=r["task"], model=r["model"], n=int(r["n"]), win_rate=r.get("win_rate"),
+        rows.append(_checked(run_dir / "summary.json", Row(
+            task=r["task"], model=r["model"], n=r["n"], win_rate=r.get("win_rate"),
             standard_error=r.get("standard_error"),
             length_controlled_winrate=r.get("length_controlled_winrate"), outcomes=outcomes,
             hashes={"output_identity": content_hash(identities.get(r["model"])),
                     "reference_identity": r.get("reference_outputs_hash") or content_hash(
                         identities.get(r.get("reference") or reference)),
                     "prompts": content_hash(sorted(prompts.get(where, []))),
-                    "judge": judge_hash}))
+                    "judge": judge_hash})))
     return rows, {"run_id": meta.get("run_id"), "judge": meta.get("judge"),
                   "reference": reference}
+
+
+def _checked(path: Path, row: Row) -> Row:
+    """row, or one DataError naming the file and what is impossible about it."""
+    problem = row_problem(row)
+    if problem:
+        raise DataError(f"{path} ({row.task}/{row.model}): {problem}")
+    return row
 
 
 def write_baseline(run_dir: Path, out: Path) -> Path:
@@ -161,16 +169,40 @@ def read_baseline(path: Path) -> list[Row]:
         try:
             row = Row(**r)
             ok = (isinstance(row.task, str) and isinstance(row.model, str)
-                  and isinstance(row.outcomes, dict) and isinstance(row.hashes, dict)
-                  and all(v is None or isinstance(v, int | float) for v in row.outcomes.values())
-                  and all(v is None or isinstance(v, int | float)
-                          for v in (row.win_rate, row.standard_error)))
+                  and isinstance(row.outcomes, dict) and isinstance(row.hashes, dict))
         except TypeError:
             ok = False
         if not ok:
             raise DataError(f"{path}: row {i + 1} is malformed")
+        problem = row_problem(row)
+        if problem:
+            raise DataError(f"{path}: row {i + 1} ({row.task}/{row.model}): {problem}")
         rows.append(row)
     return rows
+
+
+def _number(v: Any, low: float, high: float) -> bool:
+    """A finite int or float (not a bool) in [low, high]."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) \
+        and low <= v <= high
+
+
+def row_problem(row: Row) -> str:
+    """What makes a row's numbers impossible ("" if none): a gate must never pass on a number
+    it cannot compare (Infinity, NaN, a win rate past 100, a negative count)."""
+    if not (isinstance(row.n, int) and not isinstance(row.n, bool) and row.n >= 0):
+        return f"n must be a count (a whole number >= 0), got {row.n!r:.40}"
+    for name, v, high in (("win_rate", row.win_rate, 100.0),
+                          ("standard_error", row.standard_error, 100.0),
+                          ("length_controlled_winrate", row.length_controlled_winrate, 100.0)):
+        if v is not None and not _number(v, 0.0, high):
+            return f"{name} must be a finite number in [0, {high:g}], got {v!r:.40}"
+    bad = next((k for k, v in row.outcomes.items() if v is not None and not _number(v, 1, 2)),
+               None)
+    if bad is not None:
+        return (f"outcome of {bad!r} must be a preference in [1, 2], got "
+                f"{row.outcomes[bad]!r:.40}")
+    return ""
 
 
 def _valid(values: Sequence[float | None]) -> np.ndarray:

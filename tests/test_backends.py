@@ -472,3 +472,13 @@ def test_unknown_lm_eval_model_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match="lm-eval has no model 'no-such-model'") as e:
         backends.load_model(spec, None)
     assert "\n" not in str(e.value) and isinstance(e.value, HarnessError)
+
+
+def test_a_server_s_impossible_token_counts_are_not_stored_as_counts(tmp_path):
+    """usage.completion_tokens -7 (or prompt_tokens -1) is flagged and counted locally."""
+    spec = _spec(tmp_path, OPENAI)
+    got = _faked(spec, lambda request: _chat_reply("one two three", usage=(-1, -7)))
+    for _, g in got:
+        assert g.n_tokens == 3 and g.n_prompt_tokens == 0  # three words, counted here
+        assert g.info["usage_rejected"] == "completion_tokens -7 is not a count"
+        assert g.info["usage_rejected_prompt"] == "prompt_tokens -1 is not a count"

@@ -625,3 +625,49 @@ def test_a_byte_order_mark_is_accepted_in_toml_and_jsonl(setup, tmp_path, capsys
             "--max-new-tokens", "4", "--run-id", "bom"]
     assert main(argv) == 0, capsys.readouterr().err
     assert (tmp_path / "results" / "bom" / "summary.json").is_file()
+
+
+# ------------------------------------------------------------ impossible numbers refused
+
+
+@pytest.mark.parametrize("field, value", [("n_tokens", -1000), ("n_prompt_tokens", -1),
+                                          ("batch_seconds", float("inf"))])
+def test_an_impossible_number_in_a_stored_generation_names_file_and_line(tmp_path, field,
+                                                                        value):
+    rec = GenerationRecord(key="k", task="t", model="m", instruction_id="1", instruction="i",
+                           prompt="p", output="o", n_prompt_tokens=1, n_tokens=2,
+                           finish_reason="eos")
+    path = tmp_path / "generations.jsonl"
+    path.write_text(json.dumps({**to_dict(rec), field: value}) + "\n")
+    with pytest.raises(DataError, match=rf"generations.jsonl:1: .*'{field}' must be a number"):
+        RecordLog(path, GenerationRecord, by_row)
+
+
+def test_a_preference_outside_one_to_two_in_a_stored_judgment_is_refused(tmp_path):
+    from harness.records import JudgmentRecord
+
+    rec = JudgmentRecord(key="k", task="t", model="m", instruction_id="1", judge="j",
+                         judge_spec_hash="h", generator_1="a", generator_2="b", preference=7.0)
+    path = tmp_path / "judgments.jsonl"
+    path.write_text(json.dumps(to_dict(rec)) + "\n")
+    with pytest.raises(DataError, match=r"judgments.jsonl:1: .*'preference' must be"):
+        RecordLog(path, JudgmentRecord, by_row)
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("win_rate", "Infinity", "win_rate must be a finite number in [0, 100]"),
+    ("win_rate", "NaN", "win_rate must be a finite number"),
+    ("standard_error", "-1", "standard_error must be a finite number"),
+    ("n", "-3", "n must be a count"),
+])
+def test_a_baseline_with_an_impossible_number_never_passes(setup, tmp_path, capsys, field,
+                                                            value, expected):
+    baseline = tmp_path / "baseline.json"
+    assert main(["baseline", str(setup["baseline"]), "-o", str(baseline)]) == 0
+    capsys.readouterr()
+    data = json.loads(baseline.read_text())
+    data["rows"][0][field] = "@@"
+    baseline.write_text(json.dumps(data).replace('"@@"', value))
+    err = _one_line_error(capsys, ["check", str(setup["baseline"]), "--baseline",
+                                   str(baseline)])
+    assert expected in err and "row 1" in err
