@@ -7,6 +7,7 @@ name, malformed file, unreachable judge, unwritable directory) prints one line a
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -669,9 +670,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `timeout`, Slurm and `kill` send), handled as Ctrl-C is."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: bad input gives one line on stderr and exit code 2, never a traceback."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (main() called from a worker): leave it be
+        pass
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -692,7 +705,8 @@ def main(argv: list[str] | None = None) -> int:
         where = f" {e.filename}" if e.filename else ""
         print(f"error: cannot access{where}: {e.strerror or type(e).__name__}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: everything computed so far is saved; run the same command to resume",
+    except KeyboardInterrupt as e:
+        what = "terminated" if isinstance(e, Terminated) else "interrupted"
+        print(f"{what}: everything computed so far is saved; run the same command to resume",
               file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, Terminated) else 130

@@ -121,17 +121,22 @@ def test_kill_9_mid_run_then_resume_gives_identical_results(setup, tmp_path, aft
     assert _numbers(results / "r") == _numbers(setup["baseline"])
 
 
-def test_sigint_saves_work_in_one_line_and_resumes_identically(setup, tmp_path):
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"),
+                                             (signal.SIGTERM, 143, "terminated")])
+def test_sigint_or_sigterm_saves_work_in_one_line_and_resumes_identically(setup, tmp_path, sig,
+                                                                          code, word):
+    """Ctrl-C, and SIGTERM (what `timeout` and Slurm send), alike: one line, then resume."""
     results = tmp_path / "results"
     cmd = _cmd(setup["registry"], setup["task"], results, "--run-id", "r")
     env = _env(tmp_path / "cache")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)
     _wait_lines(results / "r" / "generations.jsonl", 5, proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 130
-    assert "interrupted" in err and "Traceback" not in err
+    assert proc.returncode == code
+    assert err.strip().splitlines()[-1].startswith(f"{word}: everything computed so far")
+    assert "Traceback" not in err
     resumed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert _numbers(results / "r") == _numbers(setup["baseline"])
