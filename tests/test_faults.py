@@ -465,6 +465,83 @@ def test_a_stalled_judge_is_one_line_after_its_timeout(setup, tmp_path, capsys, 
     assert "within 1s" in err
 
 
+class _SlowlorisHandler(http.server.BaseHTTPRequestHandler):
+    """Sends its headers at once, then one byte of the body every 0.2 s, for at most 20 s."""
+
+    def do_POST(self):  # noqa: N802
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", "100000")
+        self.end_headers()
+        for _ in range(100):
+            try:
+                self.wfile.write(b" ")
+                self.wfile.flush()
+            except OSError:  # the client gave up
+                return
+            time.sleep(0.2)
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def _serve(handler):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_slowloris_judge_is_one_line_within_its_deadline(setup, tmp_path, capsys,
+                                                            monkeypatch):
+    """The client's timeout bounds each read; a server trickling a byte every 0.2 s must still
+    be given up on once the whole request has taken timeout_s."""
+    monkeypatch.setenv("FAULTS_KEY", "sk-faults-secret-123")
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    with _serve(_SlowlorisHandler) as url:
+        judge = _judge_toml(tmp_path, url, timeout_s=1.0, max_retries=1, backoff_s=0.1)
+        argv = _cmd(setup["registry"], setup["task"], tmp_path / "results", "--judge",
+                    str(judge))[3:]
+        start = time.perf_counter()
+        err = _one_line_error(capsys, argv)
+    assert time.perf_counter() - start < 10, err
+    assert "giving up after 2 attempt(s)" in err
+
+
+def test_a_slowloris_generation_server_is_given_up_on(setup, tmp_path, monkeypatch):
+    from harness import backends
+    from harness.errors import TransientBackendError
+    from harness.registry import load_registry
+
+    monkeypatch.setenv("FAULTS_KEY", "sk-faults-secret-123")
+    with _serve(_SlowlorisHandler) as url:
+        registry = tmp_path / "models.toml"
+        registry.write_text(setup["registry"].read_text() + f"""
+[models.served]
+backend = "openai"
+base_url = "{url}"
+model = "m"
+api_key_env = "FAULTS_KEY"
+timeout_s = 1.0
+max_retries = 1
+backoff_s = 0.1
+""")
+        spec = load_registry(registry)["served"]
+        loaded = backends.load_model(spec, None)
+        prompts = [backends.format_prompt(spec, None, "Say hi.")]
+        start = time.perf_counter()
+        with pytest.raises(TransientBackendError, match="giving up after 2 attempt"):
+            list(backends.generate(loaded, prompts))
+    assert time.perf_counter() - start < 10
+
+
 class _EchoHandler(http.server.BaseHTTPRequestHandler):
     """A chat endpoint that answers "B" and echoes the caller's Authorization header."""
 

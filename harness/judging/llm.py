@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -424,7 +425,10 @@ class Endpoint:
 
 def make_client(endpoint: Endpoint, http_client: Any = None) -> Any:
     """An openai client for the endpoint (its own retries off: post_with_retries does them); the
-    key is read from the environment variable the endpoint names, never from a file."""
+    key is read from the environment variable the endpoint names, never from a file. Unless a
+    client is passed in (tests fake the wire), every request has a whole-request deadline of
+    timeout_s: the client's own timeout bounds each read, so a server that trickles a byte at
+    a time would otherwise hold a request forever."""
     import openai  # deferred: runs without an OpenAI-compatible endpoint never import it
 
     env = endpoint.api_key_env
@@ -432,8 +436,40 @@ def make_client(endpoint: Endpoint, http_client: Any = None) -> Any:
     if not key:
         raise ConfigError(f"{endpoint.label} reads its API key from the environment variable "
                           f"{env}, which is not set")
+    if http_client is None:
+        http_client = openai.DefaultHttpxClient(
+            timeout=endpoint.timeout_s, transport=deadline_transport(endpoint.timeout_s))
     return openai.OpenAI(api_key=key, base_url=endpoint.base_url, timeout=endpoint.timeout_s,
                          max_retries=0, http_client=http_client)
+
+
+def deadline_transport(seconds: float) -> Any:
+    """An HTTP transport whose every request (headers and body) must finish within `seconds`;
+    past it, the request fails as a read timeout does (and is retried as one)."""
+    import httpx2  # the openai client's HTTP library
+    from openai._constants import DEFAULT_CONNECTION_LIMITS
+
+    class DeadlineStream(httpx2.SyncByteStream):
+        def __init__(self, inner: Any, deadline: float) -> None:
+            self.inner, self.deadline = inner, deadline
+
+        def __iter__(self) -> Iterator[bytes]:
+            for chunk in self.inner:
+                if time.monotonic() > self.deadline:
+                    raise httpx2.ReadTimeout(f"the reply took longer than {seconds:g}s")
+                yield chunk
+
+        def close(self) -> None:
+            self.inner.close()
+
+    class DeadlineTransport(httpx2.HTTPTransport):
+        def handle_request(self, request: Any) -> Any:
+            deadline = time.monotonic() + seconds
+            response = super().handle_request(request)
+            response.stream = DeadlineStream(response.stream, deadline)
+            return response
+
+    return DeadlineTransport(limits=DEFAULT_CONNECTION_LIMITS)
 
 
 def endpoint_key(endpoint: Endpoint) -> str:
