@@ -542,6 +542,46 @@ backoff_s = 0.1
     assert time.perf_counter() - start < 10
 
 
+class _HugeReplyHandler(http.server.BaseHTTPRequestHandler):
+    """A chat endpoint whose reply is "B" and then 5 MB more."""
+
+    def do_POST(self):  # noqa: N802
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        body = {"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant",
+                                         "content": "B " + "x" * 5_000_000}}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_huge_judge_reply_is_cut_before_it_is_stored(setup, tmp_path, capsys, monkeypatch):
+    from harness.judging.llm import MAX_STORED_REPLY
+
+    monkeypatch.setenv("FAULTS_KEY", "sk-faults-secret-123")
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    with _serve(_HugeReplyHandler) as url:
+        judge = _judge_toml(tmp_path, url, timeout_s=30.0)
+        argv = _cmd(setup["registry"], setup["task"], tmp_path / "results", "--judge",
+                    str(judge), "--limit", "2", "--run-id", "huge")[3:]
+        assert main(argv) == 0, capsys.readouterr().err
+    run = tmp_path / "results" / "huge"
+    judged = _lines(run / "judgments.jsonl")
+    assert judged and all(j["info"]["raw_cut_from"] > 5_000_000 for j in judged)
+    assert all(len(j["raw"]) == MAX_STORED_REPLY for j in judged)
+    assert all(n > 5_000_000 for j in judged for n in j["info"]["reply_cut_from"])
+    for path in (run / "judgments.jsonl", run / "report.html"):
+        assert path.stat().st_size < 2_000_000, path  # not 4 x 5 MB per judgment
+
+
 class _EchoHandler(http.server.BaseHTTPRequestHandler):
     """A chat endpoint that answers "B" and echoes the caller's Authorization header."""
 

@@ -38,6 +38,10 @@ from harness.judging.registry import JUDGES_DIR
 
 log = logging.getLogger(__name__)
 
+#: The most characters of a judge's raw reply (and of its text) a record keeps: a server that
+#: answers with megabytes would otherwise be stored in the log, the cache and the report.
+MAX_STORED_REPLY = 16_000
+
 #: The alpaca-eval release whose wheel is fetched when the package is not installed.
 ALPACA_EVAL_VERSION = "0.6.6"
 ALPACA_EVAL_PREFIX = "alpaca_eval:"
@@ -729,9 +733,21 @@ class LLMJudge:
 
     def _stored(self, preference: float, raw: Any, info: dict[str, Any]) -> Judgment:
         """The judgment as it may reach disk: the API key (and anything key-like) that an
-        endpoint echoed back is masked in raw and info, after the preference was read."""
-        return Judgment(preference=preference, raw=canonical_json(self._scrub_data(raw)),
-                        info=self._scrub_data(info))
+        endpoint echoed back is masked in raw and info, after the preference was read; a reply
+        longer than MAX_STORED_REPLY characters is cut, and the record says from how long."""
+        text = canonical_json(self._scrub_data(raw))
+        info = self._scrub_data(info)
+        if len(text) > MAX_STORED_REPLY:
+            info["raw_cut_from"] = len(text)
+            text = text[:MAX_STORED_REPLY]
+        replies = info.get("reply")
+        if isinstance(replies, str | list):
+            many = replies if isinstance(replies, list) else [replies]
+            if any(isinstance(r, str) and len(r) > MAX_STORED_REPLY for r in many):
+                info["reply_cut_from"] = [len(r) if isinstance(r, str) else 0 for r in many]
+                cut = [r[:MAX_STORED_REPLY] if isinstance(r, str) else r for r in many]
+                info["reply"] = cut if isinstance(replies, list) else cut[0]
+        return Judgment(preference=preference, raw=text, info=info)
 
     def _accounting(self, replies: Sequence[_Reply]) -> dict[str, Any]:
         price = self.config.price_usd_per_1m
