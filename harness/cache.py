@@ -57,6 +57,14 @@ def installed_file(requirement: str, member: str) -> Path | None:
     return path if path.is_file() else None
 
 
+def installed_version(name: str) -> str | None:
+    """The version of an installed distribution, or None."""
+    try:
+        return metadata.distribution(name).version
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def _cached_wheels(requirement: str, where: Path) -> list[Path]:
     name, version = split_requirement(requirement)
     want = _normalise(name)

