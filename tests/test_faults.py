@@ -412,8 +412,23 @@ def test_tiny_runs_print_undefined_values_as_dashes(setup, tmp_path, capsys, mon
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if "tiny-base" in line)
     assert "–" in row
-    report = next(tmp_path.glob("results/run-*/report.html")).read_text()
-    assert "tiny-base" in report
+    run_dir = next(tmp_path.glob("results/run-*"))
+    report = (run_dir / "report.html").read_text()
+    board = report.split('id="leaderboard-faults"')[1].split("</table>")[0]
+    cells = board.split('data-model="tiny-base"')[1].split("</tr>")[0]
+    assert "–" in cells and "nan" not in cells.lower()  # the LC column (and n = 1's SE)
+    assert main(["report", str(run_dir), "--format", "md"]) == 0
+    md = next(line for line in capsys.readouterr().out.splitlines() if "tiny-base" in line)
+    assert "–" in md and "nan" not in md.lower()
+    assert main(["report", str(run_dir), "--format", "csv"]) == 0
+    import csv
+    import io
+
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    base = next(r for r in rows if r["model"] == "tiny-base")
+    assert base["length_controlled_winrate"] == ""  # undefined, not 0 or nan
+    if limit == 1:
+        assert base["standard_error"] == ""
 
 
 # -------------------------------------------------------------------------------- judges
