@@ -480,6 +480,20 @@ def test_a_stalled_judge_is_one_line_after_its_timeout(setup, tmp_path, capsys, 
     assert "within 1s" in err
 
 
+def _send_chat(handler: http.server.BaseHTTPRequestHandler, content: str, **extra) -> None:
+    """Answer a chat completion request with `content` (and extra top-level fields)."""
+    body = {"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": content}}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}, **extra}
+    data = json.dumps(body).encode()
+    handler.send_response(200)
+    handler.send_header("content-type", "application/json")
+    handler.send_header("content-length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
 class _SlowlorisHandler(http.server.BaseHTTPRequestHandler):
     """Sends its headers at once, then one byte of the body every 0.2 s, for at most 20 s."""
 
@@ -562,17 +576,7 @@ class _HugeReplyHandler(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self):  # noqa: N802
         self.rfile.read(int(self.headers.get("content-length", 0)))
-        body = {"id": "x", "object": "chat.completion", "created": 0, "model": "m",
-                "choices": [{"index": 0, "finish_reason": "stop",
-                             "message": {"role": "assistant",
-                                         "content": "B " + "x" * 5_000_000}}],
-                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
-        data = json.dumps(body).encode()
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        _send_chat(self, "B " + "x" * 5_000_000)
 
     def log_message(self, *args):
         pass
@@ -603,17 +607,7 @@ class _EchoHandler(http.server.BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802
         self.rfile.read(int(self.headers.get("content-length", 0)))
         echoed = self.headers.get("authorization", "")
-        body = {"id": "x", "object": "chat.completion", "created": 0, "model": "m",
-                "choices": [{"index": 0, "finish_reason": "stop",
-                             "message": {"role": "assistant", "content": f"B ({echoed})"}}],
-                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-                "echo": echoed}
-        data = json.dumps(body).encode()
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        _send_chat(self, f"B ({echoed})", echo=echoed)
 
     def log_message(self, *args):
         pass
