@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness.errors import ConfigError, HarnessError
+from harness.errors import ConfigError, DataError, HarnessError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -349,7 +349,11 @@ def _cmd_validate_judges(args: argparse.Namespace) -> int:
         weights = jv.refit(path, suite)
         load_judge_spec(str(path))
         _log(f"refitted {path}: " + ", ".join(f"{k}={v:+.3f}" for k, v in weights.items()))
-    results = jv.run_suite(names, suite, ship=args.ship, log=_log)
+    custom = bool(args.annotations or args.pairs or args.labels)  # runs print the built-in's
+    if custom and args.ship:
+        raise ConfigError("--ship writes the built-in suite's figures: drop --annotations, "
+                          "--pairs and --labels")
+    results = jv.run_suite(names, suite, store=not custom, ship=args.ship, log=_log)
     print(jv.format_suite(results))
     if args.json:
         try:
@@ -374,8 +378,15 @@ def _cmd_blind_pairs(args: argparse.Namespace) -> int:
     from harness.judging import blind
 
     gens = [g for d in args.runs for g in _run_generations(Path(d))]
-    reference = args.reference or json.loads(
-        (Path(args.runs[0]) / "summary.json").read_text(encoding="utf-8"))["meta"]["reference"]
+    reference = args.reference
+    if not reference:
+        from harness.configs import read_json
+
+        summary = read_json(Path(args.runs[0]) / "summary.json", "run summary")
+        reference = summary.get("meta", {}).get("reference") if isinstance(summary, dict) \
+            else None
+        if not isinstance(reference, str):
+            raise DataError(f"{args.runs[0]}/summary.json names no reference; give --reference")
     pairs = blind.build_pairs(gens, reference, args.per_variant, seed=args.seed)
     blind.write_jsonl(Path(args.out), pairs)
     if args.views:

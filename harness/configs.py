@@ -31,7 +31,7 @@ def path_component(value: str, what: str, reserved: tuple[str, ...] = ()) -> str
     if not isinstance(value, str) or not _PATH_COMPONENT.fullmatch(value) or ".." in value:
         raise ConfigError(f"{what} {value!r} cannot be a file name: use letters, digits and "
                           f". _ + @ = - (starting with a letter or digit, no '..', at most 200)")
-    if value in reserved:
+    if value.lower() in reserved:  # case-insensitive file systems: "Cache" is "cache"
         raise ConfigError(f"{what} {value!r} is reserved (results/{value} is the harness's own)")
     return value
 

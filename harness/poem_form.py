@@ -232,7 +232,7 @@ def _trigram_share(words: list[str]) -> float:
 def _tail_share(lines: list[str]) -> float:
     """Share of lines in a run to the end that repeats the block of p lines before it: a line or
     a block said over and over to the end. It counts where the block recurs 3+ times, or twice
-    with the last line cut short (a token cap), or where a 1-2 line block fills the text; a
+    in full and then again cut short (a token cap), or where a 1-2 line block fills the text; a
     chorus (or a whole song) sung twice is no loop."""
     n, best = len(lines), 0
     for p in range(1, n // 2 + 1):

@@ -167,8 +167,8 @@ def from_dict(cls: type[Record], data: Any) -> Record:
         raise RecordError(f"finish_reason must be one of {FINISH_REASONS}")
     for name, (low, high) in _RANGES.get(cls.__name__, {}).items():
         v = values.get(name)
-        finite = math.isfinite(v) or (v == -math.inf and low == -math.inf) if v is not None \
-            else True
+        finite = isinstance(v, int) or math.isfinite(v) or (v == -math.inf and low == -math.inf) \
+            if v is not None else True  # a huge int is finite (math.isfinite overflows on it)
         if v is not None and not (finite and low <= v <= high):
             raise RecordError(f"field '{name}' must be a number in [{low:g}, {high:g}], "
                               f"got {v!r:.40}")

@@ -183,8 +183,8 @@ def read_baseline(path: Path) -> list[Row]:
 
 def _number(v: Any, low: float, high: float) -> bool:
     """A finite int or float (not a bool) in [low, high]."""
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) \
-        and low <= v <= high
+    return isinstance(v, int | float) and not isinstance(v, bool) \
+        and (isinstance(v, int) or math.isfinite(v)) and low <= v <= high
 
 
 def row_problem(row: Row) -> str:

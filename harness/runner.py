@@ -22,6 +22,7 @@ from harness.configs import path_component, project_dir
 from harness.errors import ConfigError, DataError
 from harness.generation import DEFAULT_BATCH_SIZE
 from harness.hashing import canonical_json, content_hash, file_sha256
+from harness.judging.agreement import resolve_spec
 from harness.judging.protocol import Candidate, Judge, PairwiseItem
 from harness.judging.registry import get_judge
 from harness.judging.validation import cached_figures, headline
@@ -39,8 +40,8 @@ from harness.store import RunLock, Store, os_error
 from harness.tasks import GENERATING, STORED, Task, available_tasks, load_task
 from harness.tune_config import is_built, require_build
 
-#: The default judge: heuristic features calibrated against GPT-4-turbo's AlpacaEval judgments
-#: (90% held-out agreement; no API). `heuristic` is the simpler cascade.
+#: The default judge: response features that read content, fitted on the validation suite
+#: (judges/content.toml; no API). `heuristic` is the simpler cascade.
 DEFAULT_JUDGE = "content"
 #: Folders of a results directory that are not runs (the shared record cache).
 RESERVED_RUN_IDS = ("cache",)
@@ -943,7 +944,7 @@ def run(config: RunConfig) -> RunResult:
         summary, tables = analyse(specs, reference, tasks, generations, judgments, scores,
                                   task_seconds)
         write_tables(run_dir, tables)
-        validity = headline(cached_figures(judge.spec))
+        validity = headline(cached_figures(judge.spec, resolve_spec(config.judge)))
         stages["analyse"] = time.time() - t
         seconds = time.time() - start
         meta = {"run_id": run_id, "judge": judge.spec.name, "reference": reference.name,

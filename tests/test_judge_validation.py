@@ -218,9 +218,12 @@ def test_validity_figures_are_cached_per_resolved_spec(tmp_path, monkeypatch):
                   {"variant": "ALL", "n": 3, "agreement": 80.0, "delta": -4.0,
                    "judge_win_rate": 1.0, "label_win_rate": 5.0, "n_both_call": 2}],
         "annotations": {"agreement": 88.0, "kappa": 0.5, "spearman": 0.6}}
-    jv.store_figures(a, figures)
-    assert jv.cached_figures(a)["judge"] == "x" and jv.cached_figures(b) is None
-    head = jv.headline(jv.cached_figures(a))
+    jv.store_figures(a, a, figures)
+    assert jv.cached_figures(a, a)["judge"] == "x" and jv.cached_figures(b, b) is None
+    # a fitting parameter changes the held-out figures, not the judgments: a new key too
+    refit = JudgeSpec("x", "heuristic", {**a.params, "l2": 5.0})
+    assert jv.cached_figures(a, refit) is None
+    head = jv.headline(jv.cached_figures(a, a))
     assert head["contrastive_worst_category"] == "vs_echo" and head["blind_max_abs_delta"] == 4.0
     line = validity_line(head, "x")
     assert "80.0% agreement" in line and "88.0%" in line
@@ -294,7 +297,7 @@ def test_default_judge_meets_its_targets_held_out():
     spec = jv.resolve_spec(DEFAULT_JUDGE)
     figures = jv.validate(spec, jv.load_suite())
     shipped = json.loads(jv.shipped_figures(DEFAULT_JUDGE).read_text(encoding="utf-8"))
-    assert shipped["spec_hash"] == jv.spec_hash(jv.build_judge(spec).spec)
+    assert shipped["spec_hash"] == jv.spec_hash(jv.build_judge(spec).spec, spec)
     for key in ("contrastive", "blind", "annotations"):
         assert figures[key] == shipped[key], key
     assert all(r["accuracy"] >= 95 for r in figures["contrastive"]), figures["contrastive"]
@@ -320,7 +323,8 @@ def test_validate_judges_command_prints_the_three_sets(tmp_path, capsys, monkeyp
     assert figures[0]["annotations"]["agreement"] == pytest.approx(88.1, abs=0.05)
     assert figures[1]["annotations"]["agreement"] is None  # it never decides: no agreement
     # cached per resolved spec: a run with that judge finds them
-    assert jv.cached_figures(jv.build_judge(jv.resolve_spec("longer")).spec) is not None
+    spec = jv.resolve_spec("longer")
+    assert jv.cached_figures(jv.build_judge(spec).spec, spec) is not None
 
 
 def test_blind_pairs_command_writes_pairs_and_reader_views(tmp_path, capsys):

@@ -920,3 +920,15 @@ def test_end_to_end_against_transformers_serve_falls_back_to_text(tiny_server):
         assert any(not math.isnan(j.preference) for j in got.values())
     finally:
         tiny_server_mod.stop(proc)
+
+
+def test_the_deadline_client_keeps_proxies_from_the_environment(monkeypatch):
+    """Wrapping the transports for the whole-request deadline must not drop env proxies."""
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    endpoint = llm_judge.Endpoint(label="judge t", base_url="https://example.test/v1",
+                                  model="m", api_key_env="", max_retries=0, timeout_s=5.0,
+                                  backoff_s=0.0, max_backoff_s=0.0)
+    http = llm_judge.make_client(endpoint)._client
+    assert len(http._mounts) == 1  # the proxy's mount, wrapped
+    assert all(type(t).__name__ == "DeadlineTransport" for t in http._mounts.values())
+    assert type(http._transport).__name__ == "DeadlineTransport"

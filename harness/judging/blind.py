@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.configs import builtin_dir
+from harness.configs import builtin_dir, read_user_text
 from harness.errors import DataError
 from harness.judging.protocol import Candidate, PairwiseItem
 
@@ -105,10 +105,7 @@ def build_pairs(generations: Iterable[dict[str, Any]], reference: str, per_varia
 
 def _read_jsonl(path: Path, what: str) -> list[dict[str, Any]]:
     """Rows of a JSONL file; one DataError naming file and line for a bad one."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise DataError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    lines = read_user_text(path, what, DataError).splitlines()
     rows = []
     for n, line in enumerate(lines, 1):
         if not line.strip():

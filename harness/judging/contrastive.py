@@ -3,9 +3,11 @@
 Each pair puts a good answer (GPT-4-turbo's, or a strong development model's) against a
 defect this harness's small models show: an answer to another instruction, an echo of the
 instruction, a list of questions, leaked chat-role markup, a loop, an empty or one-line reply.
-The good answer is complete or cut at the token cap (a seeded draw), so ending on EOS alone
-never tells which side is good. Every pair carries its instruction's fold, so a judge fitted on
-some folds is scored on the others.
+The good answer is complete or cut at the token cap (a seeded draw). Within a category the bad
+side's ending is often fixed (an off-topic answer ends on EOS, a loop runs to the cap), so
+ending on EOS points the right way in some categories and the wrong way in others. Every pair
+records the instruction folds and development models its texts come from, so a judge fitted on
+some folds is scored on the others without seeing their texts.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ CATEGORIES = ("cut_vs_offtopic", "vs_echo", "vs_questions", "vs_markup", "vs_loo
 #: Development models whose outputs may serve as good answers (GPT-4-turbo's always do).
 GOOD_MODELS = ("claude-2.1", "gpt-3.5-turbo-1106", "OpenHermes-2.5-Mistral-7B", "Qwen-14B-Chat")
 CAP_WORDS = 95  # about 128 tokens of English
+#: GPT-4-turbo, whose outputs are every annotation's output_1 (no annotated model of its own).
+REFERENCE = "gpt4_1106_preview"
 _PIECE = re.compile(r"\S+\s*")
 _ROLE_LEAKS = (
     "\n<|user|>\n{q}\n<|assistant|>\n", "\n<start_of_turn>user\n{q}<end_of_turn>\n",
@@ -39,12 +43,18 @@ _ONE_LINERS = ("Sure, here it is:", "I can help with that.", "Here is my answer.
 
 @dataclass(frozen=True)
 class ContrastivePair:
-    """A pair with a known better side: `good` is 1 (output_1) or 2 (output_2)."""
+    """A pair with a known better side: `good` is 1 (output_1) or 2 (output_2).
+
+    models and folds: every development model whose output, and every instruction fold whose
+    instruction or answer, appears in the pair (its own fold included), so a held-out fit can
+    leave out every pair that touches what it holds out."""
 
     category: str
     item: PairwiseItem
     good: int
     fold: int
+    models: frozenset[str] = frozenset()
+    folds: frozenset[int] = frozenset()
 
 
 def cut(text: str, words: int = CAP_WORDS) -> str:
@@ -52,34 +62,43 @@ def cut(text: str, words: int = CAP_WORDS) -> str:
     return "".join(_PIECE.findall(text)[:words]).rstrip()
 
 
-def _good_answers(data: Path) -> dict[str, list[str]]:
-    """instruction -> good answers: GPT-4-turbo's and the strong development models'."""
+def _good_answers(data: Path) -> dict[str, list[tuple[str, str]]]:
+    """instruction -> good answers as (text, model): GPT-4-turbo's and the strong development
+    models'."""
     try:
         ref = json.loads((data / "gpt4_1106_preview_outputs.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise DataError(f"cannot read GPT-4-turbo's outputs in {data}: {e}") from None
-    good: dict[str, list[str]] = {r["instruction"]: [r["output"]] for r in ref}
+    good: dict[str, list[tuple[str, str]]] = {r["instruction"]: [(r["output"], REFERENCE)]
+                                               for r in ref}
     for model in GOOD_MODELS:
         path = data / "annotations" / f"{model}.json"
         if path.is_file():
             for a in read_annotations(path):
                 if a.instruction in good and len(a.output_2.split()) >= 20:
-                    good[a.instruction].append(a.output_2)
+                    good[a.instruction].append((a.output_2, model))
     return good
 
 
-def _questions(instruction: str, others: Sequence[str], rng: random.Random) -> str:
+def _is_question(text: str) -> bool:
+    """A one-line question of at most 25 words (a word problem's first line is no question)."""
+    text = text.strip()
+    return "\n" not in text and text.endswith("?") and len(text.split()) <= 25
+
+
+def _questions(instruction: str, others: Sequence[str], rng: random.Random
+               ) -> tuple[str, list[str]]:
     """A list of questions on the instruction's topic: its nearest question-shaped instructions
-    by shared words, and questions made from its own content words."""
+    by shared words, and questions made from its own content words; and the instructions used."""
     words = {w for w in re.findall(r"[a-z]{4,}", instruction.lower())}
-    asked = sorted((o for o in others if o.rstrip().endswith("?") and o != instruction),
+    asked = sorted((o for o in others if _is_question(o) and o != instruction),
                    key=lambda o: -len(words & set(re.findall(r"[a-z]{4,}", o.lower()))))[:4]
     topic = " ".join(re.findall(r"[A-Za-z]{4,}", instruction)[:3]) or "this"
     made = [f"What is the best way to think about {topic}?", f"Why does {topic} matter?",
             f"How do you explain {topic}?"]
     qs = [q.strip().splitlines()[0] for q in asked] + made
     rng.shuffle(qs)
-    return "\n".join(qs[:rng.randint(3, 6)])
+    return "\n".join(qs[:rng.randint(3, 6)]), asked
 
 
 def _loop(answer: str, rng: random.Random) -> str:
@@ -100,25 +119,35 @@ def build(seed: int = 0, per_category: int = 200, folds: int = 5,
     pairs = []
     for category in CATEGORIES:
         for instruction in rng.sample(instructions, min(per_category, len(instructions))):
-            answer = rng.choice(good[instruction])
+            answer, model = rng.choice(good[instruction])
+            used, models = [instruction], {model}  # whose texts the pair shows
             complete = rng.random() < 0.5
             shown = answer if complete else cut(answer)
             ok = Candidate(shown, "good", "eos" if complete or shown == answer else "length")
             if category == "cut_vs_offtopic":
                 ok = Candidate(cut(answer), "good", "length" if cut(answer) != answer else "eos")
                 other = rng.choice([i for i in instructions if i != instruction])
-                bad = Candidate(rng.choice(good[other]), "bad", "eos")
+                text, by = rng.choice(good[other])
+                bad = Candidate(text, "bad", "eos")
+                used, models = used + [other], models | {by}
             elif category == "vs_echo":
                 once = rng.random() < 0.5
                 bad = Candidate(instruction if once else cut("\n".join([instruction] * 40)),
                                 "bad", "eos" if once else "length")
             elif category == "vs_questions":
-                bad = Candidate(_questions(instruction, instructions, rng), "bad", "eos")
+                text, asked = _questions(instruction, instructions, rng)
+                bad = Candidate(text, "bad", "eos")
+                used += asked
             elif category == "vs_markup":
-                leak = rng.choice(_ROLE_LEAKS).format(q=rng.choice(instructions).splitlines()[0])
+                template = rng.choice(_ROLE_LEAKS)  # drawn before the question, as ever
+                asked = rng.choice(instructions)
+                leak = template.format(q=asked.splitlines()[0])
                 head = cut(answer, rng.randint(15, 50))
-                tail = cut(rng.choice(good[rng.choice(instructions)]), rng.randint(10, 40))
+                other = rng.choice(instructions)
+                text, by = rng.choice(good[other])
+                tail = cut(text, rng.randint(10, 40))
                 bad = Candidate(head + leak + tail, "bad", rng.choice(("eos", "length")))
+                used, models = used + [asked, other], models | {by}
             elif category == "vs_loop":
                 bad = Candidate(_loop(answer, rng), "bad", "length")
             else:
@@ -127,8 +156,10 @@ def build(seed: int = 0, per_category: int = 200, folds: int = 5,
             good_side = rng.choice((1, 2))
             item = (PairwiseItem(instruction, ok, bad, category) if good_side == 1
                     else PairwiseItem(instruction, bad, ok, category))
-            pairs.append(ContrastivePair(category, item, good_side,
-                                         instruction_fold(instruction, folds)))
+            pairs.append(ContrastivePair(
+                category, item, good_side, instruction_fold(instruction, folds),
+                frozenset(models - {REFERENCE}),
+                frozenset(instruction_fold(i, folds) for i in used)))
     return pairs
 
 

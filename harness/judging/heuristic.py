@@ -80,8 +80,6 @@ DEFAULTS: dict[str, Any] = {
     "fixed": [],  # fitting only: weights set by hand, kept by --refit
     "fit_sources": [],  # fitting only: validation sets fitted on (harness.judging.validation)
     "source_weights": {},  # fitting only: each fitted source's share of the total weight
-    "stage_sources": [],  # fitting only: sources of each fitting stage
-    "stage_features": [],  # fitting only: features fitted in each stage
     "exclude_models": [],  # fitting only: annotated models never fitted on
 }
 
@@ -101,8 +99,8 @@ _PARAM_TYPES: dict[str, Any] = {
     "target_words": (int, float), "length_tolerance_words": (int, float),
     "empty_max_words": int, "unit": str, "relevance_margin": (int, float),
     "relevance_max_length": int, "weights": dict, "soft": bool, "l2": (int, float),
-    "fixed": list, "fit_sources": list, "source_weights": dict, "stage_sources": list,
-    "stage_features": list, "exclude_models": list,
+    "fixed": list, "fit_sources": list, "source_weights": dict,
+    "exclude_models": list,
 }
 
 _WORD = re.compile(r"\w+")

@@ -400,9 +400,9 @@ class Endpoint:
 def make_client(endpoint: Endpoint, http_client: Any = None) -> Any:
     """An openai client for the endpoint (its own retries off: post_with_retries does them); the
     key is read from the environment variable the endpoint names, never from a file. Unless a
-    client is passed in (tests fake the wire), every request has a whole-request deadline of
-    timeout_s: the client's own timeout bounds each read, so a server that trickles a byte at
-    a time would otherwise hold a request forever."""
+    client is passed in (tests fake the wire), a reply must arrive within timeout_s of its
+    request: the client's own timeout bounds each read, so a server that trickles its reply a
+    byte at a time would otherwise hold a request forever."""
     import openai  # deferred: runs without an OpenAI-compatible endpoint never import it
 
     env = endpoint.api_key_env
@@ -411,17 +411,18 @@ def make_client(endpoint: Endpoint, http_client: Any = None) -> Any:
         raise ConfigError(f"{endpoint.label} reads its API key from the environment variable "
                           f"{env}, which is not set")
     if http_client is None:
-        http_client = openai.DefaultHttpxClient(
-            timeout=endpoint.timeout_s, transport=deadline_transport(endpoint.timeout_s))
+        http_client = with_deadline(openai.DefaultHttpxClient(timeout=endpoint.timeout_s),
+                                    endpoint.timeout_s)
     return openai.OpenAI(api_key=key, base_url=endpoint.base_url, timeout=endpoint.timeout_s,
                          max_retries=0, http_client=http_client)
 
 
-def deadline_transport(seconds: float) -> Any:
-    """An HTTP transport whose every request (headers and body) must finish within `seconds`;
-    past it, the request fails as a read timeout does (and is retried as one)."""
+def with_deadline(client: Any, seconds: float) -> Any:
+    """The client with each of its transports (the default one and any proxy mounts it took
+    from the environment) wrapped so that a reply's body must arrive within `seconds` of the
+    request's start; past it, reading fails as a read timeout does (and is retried as one).
+    Headers are bounded per read by the client's timeout."""
     import httpx2  # the openai client's HTTP library
-    from openai._constants import DEFAULT_CONNECTION_LIMITS
 
     class DeadlineStream(httpx2.SyncByteStream):
         def __init__(self, inner: Any, deadline: float) -> None:
@@ -436,14 +437,23 @@ def deadline_transport(seconds: float) -> Any:
         def close(self) -> None:
             self.inner.close()
 
-    class DeadlineTransport(httpx2.HTTPTransport):
+    class DeadlineTransport(httpx2.BaseTransport):
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
         def handle_request(self, request: Any) -> Any:
             deadline = time.monotonic() + seconds
-            response = super().handle_request(request)
+            response = self.inner.handle_request(request)
             response.stream = DeadlineStream(response.stream, deadline)
             return response
 
-    return DeadlineTransport(limits=DEFAULT_CONNECTION_LIMITS)
+        def close(self) -> None:
+            self.inner.close()
+
+    client._transport = DeadlineTransport(client._transport)
+    client._mounts = {pattern: None if t is None else DeadlineTransport(t)
+                      for pattern, t in client._mounts.items()}
+    return client
 
 
 def endpoint_key(endpoint: Endpoint) -> str:

@@ -89,18 +89,27 @@ class Rows:
     fold: np.ndarray
     model: np.ndarray  # annotated model's index, -1 elsewhere
     models: tuple[str, ...] = ()  # the annotated models' names, by index
+    folds_of: tuple[frozenset[int], ...] = ()  # every instruction fold a row's texts come from
+    models_of: tuple[frozenset[int], ...] = ()  # every annotated model whose output it shows
 
 
-def suite_rows(suite: Suite, folds: int = HOLDOUT_FOLDS) -> Rows:
-    """Every pair of the suite once (contrastive pairs in both orders)."""
+def suite_rows(suite: Suite) -> Rows:
+    """Every pair of the suite once (contrastive pairs in both orders), with the instruction
+    folds and annotated models each one's texts come from."""
+    names = [s.model for s in suite.annotations]
     items: list[PairwiseItem] = []
     y, source, fold, model = [], [], [], []
+    folds_of: list[frozenset[int]] = []
+    models_of: list[frozenset[int]] = []
     for m, s in enumerate(suite.annotations):
         items += s.items
         y += list(s.reference - 1.0)
         source += [0] * len(s.items)
-        fold += [instruction_fold(it.instruction, folds) for it in s.items]
+        own = [instruction_fold(it.instruction) for it in s.items]
+        fold += own
         model += [m] * len(s.items)
+        folds_of += [frozenset({f}) for f in own]
+        models_of += [frozenset({m})] * len(s.items)
     for p in suite.contrastive:
         for item, good in ((p.item, p.good), (contrastive.swapped(p.item), 3 - p.good)):
             items.append(item)
@@ -108,14 +117,18 @@ def suite_rows(suite: Suite, folds: int = HOLDOUT_FOLDS) -> Rows:
             source.append(1)
             fold.append(p.fold)
             model.append(-1)
+            folds_of.append(p.folds | {p.fold})
+            models_of.append(frozenset(names.index(n) for n in p.models if n in names))
     for lp in suite.blind:
         items.append(lp.pair.as_item())
         y.append(lp.preference - 1.0)
         source.append(2)
-        fold.append(instruction_fold(lp.pair.instruction, folds))
+        fold.append(instruction_fold(lp.pair.instruction))
         model.append(-1)
+        folds_of.append(frozenset({fold[-1]}))
+        models_of.append(frozenset())
     return Rows(items, np.array(y), np.array(source), np.array(fold), np.array(model),
-                tuple(s.model for s in suite.annotations))
+                tuple(names), tuple(folds_of), tuple(models_of))
 
 
 def _is_fitted(spec: JudgeSpec) -> bool:
@@ -163,19 +176,20 @@ def fit(spec: JudgeSpec, names: list[str], x: np.ndarray, rows: Rows,
 
 def held_out(spec: JudgeSpec, rows: Rows, names: list[str], x: np.ndarray,
              folds: int = HOLDOUT_FOLDS) -> np.ndarray:
-    """Preferences where every row is judged by weights fitted without its instruction fold
-    and, for an annotated model's row, without that model."""
+    """Preferences where every row is judged by weights fitted without any row whose texts
+    come from its instruction fold and, for an annotated model's row, without any row that
+    shows that model's outputs."""
     prefs = np.full(len(rows.y), np.nan)
     models = sorted(set(rows.model[rows.model >= 0].tolist()))
     for k in range(folds):
-        groups = [(rows.fold == k) & (rows.model < 0), *[(rows.fold == k) & (rows.model == m)
-                                                         for m in models]]
-        for g, test in enumerate(groups):
+        no_fold = np.array([k not in f for f in rows.folds_of])
+        groups = [(None, (rows.fold == k) & (rows.model < 0)),
+                  *[(m, (rows.fold == k) & (rows.model == m)) for m in models]]
+        for m, test in groups:
             if not test.any():
                 continue
-            train = rows.fold != k
-            if g > 0:
-                train &= rows.model != models[g - 1]
+            train = no_fold if m is None else \
+                no_fold & np.array([m not in ms for ms in rows.models_of])
             w = fit(spec, names, x, rows, train)
             prefs[test] = 1.0 + hj.combined_probabilities(x[test], w)
     return prefs
@@ -194,8 +208,11 @@ def preferences(spec: JudgeSpec, rows: Rows) -> tuple[np.ndarray, str]:
         if ann.any():
             dev_spec = JudgeSpec(spec.name, spec.kind,
                                  {**spec.params, "fit_sources": ["annotations"]})
-            sub = Rows([it for it, a in zip(rows.items, ann, strict=True) if a], rows.y[ann],
-                       rows.source[ann], rows.fold[ann], rows.model[ann], rows.models)
+            keep = np.flatnonzero(ann)
+            sub = Rows([rows.items[i] for i in keep], rows.y[ann], rows.source[ann],
+                       rows.fold[ann], rows.model[ann], rows.models,
+                       tuple(rows.folds_of[i] for i in keep),
+                       tuple(rows.models_of[i] for i in keep))
             prefs[ann] = held_out(dev_spec, sub, names, x[ann])
         return prefs, "annotations held out; other sets never fitted"
     judge = build_judge(spec)
@@ -300,15 +317,21 @@ def validate(spec: JudgeSpec, suite: Suite, rows: Rows | None = None) -> dict[st
             "blind_stale": len(suite.stale), "blind_unlabelled": len(suite.unlabelled)}
 
 
-def figures_path(resolved: JudgeSpec) -> Path:
-    """Where a resolved judge spec's figures are cached."""
-    return cache_root() / "validation" / f"{spec_hash(resolved)}.json"
+#: Parameters that change only how a judge is fitted, so only its held-out figures.
+FIT_PARAMS = ("fit_sources", "source_weights", "exclude_models", "l2", "fixed")
 
 
-def spec_hash(resolved: JudgeSpec) -> str:
-    """The hash of a resolved judge spec (what its judgments' keys hold) and the suite version."""
+def spec_hash(resolved: JudgeSpec, raw: JudgeSpec) -> str:
+    """What a judge's figures are keyed by: its resolved spec (what its judgments' keys hold),
+    the fitting parameters of its unresolved spec, and the suite's version."""
     judge = {k: v for k, v in resolved.as_dict().items() if k != "name"}
-    return content_hash({"judge": judge, "suite_version": SUITE_VERSION}, 24)
+    fitting = {k: raw.params[k] for k in FIT_PARAMS if k in raw.params}
+    return content_hash({"judge": judge, "fitting": fitting, "suite_version": SUITE_VERSION}, 24)
+
+
+def figures_path(resolved: JudgeSpec, raw: JudgeSpec) -> Path:
+    """Where a judge's figures on the built-in suite are cached."""
+    return cache_root() / "validation" / f"{spec_hash(resolved, raw)}.json"
 
 
 def shipped_figures(name: str) -> Path:
@@ -316,24 +339,25 @@ def shipped_figures(name: str) -> Path:
     return blind.VALIDATION_DIR / f"{name}.json"
 
 
-def cached_figures(resolved: JudgeSpec) -> dict[str, Any] | None:
-    """A judge's figures from the cache, or from the committed file when it was measured for
-    this very spec; None when neither holds them."""
-    for path in (figures_path(resolved), shipped_figures(resolved.name)):
+def cached_figures(resolved: JudgeSpec, raw: JudgeSpec) -> dict[str, Any] | None:
+    """A judge's figures on the built-in suite from the cache, or from the committed file when
+    they were measured for this very judge; None when neither holds them."""
+    for path in (figures_path(resolved, raw), shipped_figures(resolved.name)):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        if isinstance(data, dict) and data.get("spec_hash") == spec_hash(resolved):
+        if isinstance(data, dict) and data.get("spec_hash") == spec_hash(resolved, raw):
             return data
     return None
 
 
-def store_figures(resolved: JudgeSpec, figures: dict[str, Any], ship: bool = False) -> Path:
+def store_figures(resolved: JudgeSpec, raw: JudgeSpec, figures: dict[str, Any],
+                  ship: bool = False) -> Path:
     """Cache a judge's figures (and, with ship, write the committed copy too)."""
-    data = {**figures, "spec_hash": spec_hash(resolved)}
+    data = {**figures, "spec_hash": spec_hash(resolved, raw)}
     text = canonical_json(data) + "\n"
-    paths = [figures_path(resolved)] + ([shipped_figures(resolved.name)] if ship else [])
+    paths = [figures_path(resolved, raw)] + ([shipped_figures(resolved.name)] if ship else [])
     for path in paths:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -342,24 +366,24 @@ def store_figures(resolved: JudgeSpec, figures: dict[str, Any], ship: bool = Fal
     return paths[-1]
 
 
-def run_suite(judge_names: Sequence[str], suite: Suite, ship: bool = False,
+def run_suite(judge_names: Sequence[str], suite: Suite, store: bool = True, ship: bool = False,
               log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Validate each judge (using cached figures when the suite is the same) and cache them."""
+    """Validate each judge, reusing cached figures measured on the same suite. With store
+    (the built-in suite), the figures are cached for runs to print; with ship, also written
+    beside the built-in judges."""
     rows = suite_rows(suite)
     out = []
     for name in judge_names:
         spec = resolve_spec(name)
-        try:
-            resolved = build_judge(spec).spec
-        except ConfigError:
-            raise
-        cached = cached_figures(resolved)
+        resolved = build_judge(spec).spec
+        cached = cached_figures(resolved, spec)
         if cached is not None and cached.get("suite") == suite.fingerprint() and not ship:
             out.append(cached)
             continue
         figures = validate(spec, suite, rows)
         figures["name"] = name
-        store_figures(resolved, figures, ship=ship and not (Path(name).suffix == ".toml"))
+        if store or ship:
+            store_figures(resolved, spec, figures, ship=ship and Path(name).suffix != ".toml")
         out.append(figures)
         if log:
             log(f"{name}: validated")
