@@ -790,6 +790,7 @@ def test_a_preference_outside_one_to_two_in_a_stored_judgment_is_refused(tmp_pat
     ("win_rate", "NaN", "win_rate must be a finite number"),
     ("standard_error", "-1", "standard_error must be a finite number"),
     ("n", "-3", "n must be a count"),
+    ("win_rate", "1" + "0" * 400, "win_rate must be a finite number in [0, 100]"),
 ])
 def test_a_baseline_with_an_impossible_number_never_passes(setup, tmp_path, capsys, field,
                                                             value, expected):

@@ -206,6 +206,26 @@ def test_fitted_judge_is_scored_held_out():
     assert right[fold0].mean() < 0.05  # fold 0 was never seen: its flipped sign is missed
 
 
+def test_held_out_fits_never_see_a_pair_that_shows_the_held_out_fold_or_model():
+    """A contrastive pair whose off-topic answer comes from fold 3 and from model m1 is left
+    out of every fit that scores fold 3, its own fold, or model m1."""
+    item = PairwiseItem("i", Candidate("a"), Candidate("b"))
+    ann = [jv.AnnotationSet("m0", (item,), np.array([1.2])),
+           jv.AnnotationSet("m1", (item,), np.array([1.7]))]
+    own = jv.instruction_fold("i")
+    other = (own + 3) % 5
+    touching = contrastive.ContrastivePair("cut_vs_offtopic", item, 1, fold=own,
+                                           models=frozenset({"m1"}),
+                                           folds=frozenset({own, other}))
+    rows = jv.suite_rows(jv.Suite(ann, [touching], []))
+    pair = rows.source == 1
+    free = next(k for k in range(5) if k not in (own, other))
+    assert jv.training_rows(rows, free)[pair].all()
+    assert jv.training_rows(rows, free, 0)[pair].all()  # m0's outputs are not in it
+    for k, m in ((own, None), (other, None), (other, 0), (free, 1)):
+        assert not jv.training_rows(rows, k, m)[pair].any(), (k, m)
+
+
 def test_validity_figures_are_cached_per_resolved_spec(tmp_path, monkeypatch):
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path))
     a = JudgeSpec("x", "heuristic", {"method": "length"})
@@ -347,3 +367,17 @@ def test_blind_pairs_command_writes_pairs_and_reader_views(tmp_path, capsys):
     shown = [json.loads(line) for line in views.read_text().splitlines()]
     assert all(set(v) == {"pair_id", "instruction", "A", "B"} for v in shown)
     assert main(["blind-pairs", str(tmp_path), "--out", str(pairs)]) == 2  # not a run
+
+
+def test_blind_pairs_without_a_reference_in_the_summary_is_one_line(tmp_path, capsys):
+    from harness.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "generations.jsonl").write_text("")
+    (run / "summary.json").write_text("{not json")
+    assert main(["blind-pairs", str(run), "--out", str(tmp_path / "p.jsonl")]) == 2
+    (run / "summary.json").write_text("{}")
+    assert main(["blind-pairs", str(run), "--out", str(tmp_path / "p.jsonl")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "names no reference" in err[1] and "Traceback" not in "".join(err)

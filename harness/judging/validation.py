@@ -182,17 +182,22 @@ def held_out(spec: JudgeSpec, rows: Rows, names: list[str], x: np.ndarray,
     prefs = np.full(len(rows.y), np.nan)
     models = sorted(set(rows.model[rows.model >= 0].tolist()))
     for k in range(folds):
-        no_fold = np.array([k not in f for f in rows.folds_of])
         groups = [(None, (rows.fold == k) & (rows.model < 0)),
                   *[(m, (rows.fold == k) & (rows.model == m)) for m in models]]
         for m, test in groups:
-            if not test.any():
-                continue
-            train = no_fold if m is None else \
-                no_fold & np.array([m not in ms for ms in rows.models_of])
-            w = fit(spec, names, x, rows, train)
-            prefs[test] = 1.0 + hj.combined_probabilities(x[test], w)
+            if test.any():
+                w = fit(spec, names, x, rows, training_rows(rows, k, m))
+                prefs[test] = 1.0 + hj.combined_probabilities(x[test], w)
     return prefs
+
+
+def training_rows(rows: Rows, fold: int, model: int | None = None) -> np.ndarray:
+    """The rows a fit may use to score instruction fold `fold` (and annotated model `model`):
+    none whose texts come from that fold, nor, with a model, any that shows its outputs."""
+    keep = np.array([fold not in f for f in rows.folds_of], dtype=bool)
+    if model is not None:
+        keep &= np.array([model not in ms for ms in rows.models_of], dtype=bool)
+    return keep
 
 
 def preferences(spec: JudgeSpec, rows: Rows) -> tuple[np.ndarray, str]:
