@@ -38,6 +38,10 @@ LEADERBOARD = (("model", "variant"), ("n", "n"), ("win_rate", "win rate %"),
                ("order_agreement", "judge's two orders agree %"))
 
 
+#: Leaderboard columns shown only when some row has a value (an LLM judge asked in both orders).
+OPTIONAL_COLUMNS = ("order_agreement",)
+
+
 def _fmt(value: Any, digits: int = 1) -> str:
     if value is None:
         return "–"
@@ -247,7 +251,9 @@ def context(run: StoredRun) -> dict[str, Any]:
     models = [m["name"] for m in run.config.get("models", [])]
     categories = sorted({c["category"] for c in conversations if c["category"]})
     return {"meta": run.meta, "config": run.config, "header": _header(run),
-            "summary": run.rows, "tasks": tasks, "leaderboard_columns": LEADERBOARD,
+            "summary": run.rows, "tasks": tasks,
+            "leaderboard_columns": [c for c in LEADERBOARD if c[0] not in OPTIONAL_COLUMNS
+                                    or any(r.get(c[0]) is not None for r in run.rows)],
             "conversations": conversations, "models": models, "categories": categories}
 
 
