@@ -326,6 +326,10 @@ def _cmd_validate_judges(args: argparse.Namespace) -> int:
         raise ConfigError("--judges: give at least one judge name")
     for n in names:
         resolve_spec(n)  # fail fast, before any work, on an unknown name
+    custom = bool(args.annotations or args.pairs or args.labels)  # runs print the built-in's
+    if custom and args.ship:
+        raise ConfigError("--ship writes the built-in suite's figures: drop --annotations, "
+                          "--pairs and --labels")
     suite = jv.load_suite(Path(args.annotations) if args.annotations else None,
                           Path(args.pairs) if args.pairs else None,
                           Path(args.labels) if args.labels else None)
@@ -347,12 +351,8 @@ def _cmd_validate_judges(args: argparse.Namespace) -> int:
 
         path = find_named("judges", args.refit)
         weights = jv.refit(path, suite)
-        load_judge_spec(str(path))
+        load_judge_spec(str(path))  # the rewritten config must read back as a judge
         _log(f"refitted {path}: " + ", ".join(f"{k}={v:+.3f}" for k, v in weights.items()))
-    custom = bool(args.annotations or args.pairs or args.labels)  # runs print the built-in's
-    if custom and args.ship:
-        raise ConfigError("--ship writes the built-in suite's figures: drop --annotations, "
-                          "--pairs and --labels")
     results = jv.run_suite(names, suite, store=not custom, ship=args.ship, log=_log)
     print(jv.format_suite(results))
     if args.json:
