@@ -25,9 +25,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from harness import backends  # noqa: E402
-from harness.backend_config import BackendOptions  # noqa: E402
-from harness.registry import DecodingSpec, ModelSpec, load_registry  # noqa: E402
+from harness.generate import backends  # noqa: E402
+from harness.models.backend_config import BackendOptions  # noqa: E402
+from harness.models.registry import load_registry
+from harness.models.spec import DecodingSpec, ModelSpec  # noqa: E402
 
 
 def tiny_spec(workdir: Path, cap: int) -> ModelSpec:
@@ -41,7 +42,7 @@ def tiny_spec(workdir: Path, cap: int) -> ModelSpec:
 
 def instructions(n: int) -> list[str]:
     """The first n built-in instructions (repeated if n exceeds them)."""
-    from harness.tasks import load_task
+    from harness.tasks.kinds import load_task
 
     pool = [i.instruction for i in load_task("instructions", None).instructions]
     return [pool[i % len(pool)] + ("" if i < len(pool) else f" ({i})") for i in range(n)]
@@ -102,7 +103,7 @@ def main() -> None:
                 spec.decoding, max_new_tokens=args.max_new_tokens))
         else:
             spec = tiny_spec(work, args.max_new_tokens)
-        from harness.weights import resolve_model_dir
+        from harness.models.weights import resolve_model_dir
 
         folder = resolve_model_dir(spec)
         tok = backends.load_tokenizer(spec)

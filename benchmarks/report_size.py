@@ -23,10 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness.cache import shared_data_dir  # noqa: E402
-from harness.hashing import canonical_json  # noqa: E402
-from harness.records import GenerationRecord, JudgmentRecord, to_dict  # noqa: E402
-from harness.report import write_report  # noqa: E402
+from harness.core.cache import shared_data_dir  # noqa: E402
+from harness.core.hashing import canonical_json  # noqa: E402
+from harness.report.html import write_report  # noqa: E402
+from harness.store.records import GenerationRecord, JudgmentRecord, to_dict  # noqa: E402
 
 
 def fabricate(run_dir: Path, n_variants: int, n_instructions: int) -> None:

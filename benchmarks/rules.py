@@ -33,9 +33,9 @@ from transformers import (  # noqa: E402
     LogitsProcessorList,
 )
 
-from harness.registry import PLAIN_TEMPLATE as TEMPLATE  # noqa: E402
-from harness.rules import build_processor, reference_generate  # noqa: E402
-from harness.rules_config import RulesConfig  # noqa: E402
+from harness.generate.rules import build_processor, reference_generate  # noqa: E402
+from harness.models.rules_config import RulesConfig  # noqa: E402
+from harness.models.spec import PLAIN_TEMPLATE as TEMPLATE  # noqa: E402
 
 INSTRUCTIONS = [
     "Write a short poem about the sea.",
@@ -59,8 +59,8 @@ INSTRUCTIONS = [
 
 def default_model_dir() -> str:
     """gemma3-270m through the weights registry (fetched and converted once)."""
-    from harness.registry import load_registry
-    from harness.weights import resolve_model_dir
+    from harness.models.registry import load_registry
+    from harness.models.weights import resolve_model_dir
 
     return resolve_model_dir(load_registry()["gemma3-270m"])
 

@@ -21,19 +21,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness.generation import (  # noqa: E402
-    DEFAULT_BATCH_SIZE,
+from harness.generate.backends import DEFAULT_BATCH_SIZE
+from harness.generate.backends import template_prompt as format_prompt
+from harness.generate.slot_decoding import PrefillStore  # noqa: E402
+from harness.generate.transformers import (
     can_decode_together,
-    format_prompt,
     generate,
     generate_together,
     load_model,
     load_tokenizer,
 )
-from harness.registry import load_registry  # noqa: E402
-from harness.runner import override_cap  # noqa: E402
-from harness.slot_decoding import PrefillStore  # noqa: E402
-from harness.tasks import load_task  # noqa: E402
+from harness.models.registry import load_registry  # noqa: E402
+from harness.run.runner import override_cap  # noqa: E402
+from harness.tasks.kinds import load_task  # noqa: E402
 
 DEFAULT_VARIANTS = ("gemma3-270m,gemma3-270m+rules,gemma3-270m+rules-no-eos,"
                     "gemma3-270m+rules-no-diversity,gemma3-270m+rules-no-uniform")

@@ -13,7 +13,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness.errors import ConfigError, DataError, HarnessError
+from harness.core.cache import shared_data_dir
+from harness.core.configs import PROJECT_ENV, find_named, load_named_toml, read_json
+from harness.core.errors import ConfigError, DataError, HarnessError
+from harness.generate.backends import DEFAULT_BATCH_SIZE
+from harness.judging import blind
+from harness.judging.registry import available_judges, load_judge_spec
+from harness.models.builds import build_status
+from harness.models.registry import load_registry
+from harness.report import html as rp
+from harness.report.text import format_table, validity_line
+from harness.run.shards import parse_shard
+from harness.store.logs import RecordLog, os_error
+from harness.store.records import GenerationRecord, to_dict
+from harness.tasks.kinds import available_tasks
+from harness.tasks.protocol import fmt
+from harness.train.tuning import TuneInterrupted, tunable, tune_variant
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,120 +49,17 @@ def _positive_int(text: str) -> int:
 
 
 def _shard(text: str) -> Any:
-    from harness.shards import parse_shard
-
     try:
         return parse_shard(text)
     except ConfigError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _fmt(value: Any, spec: str = ".1f") -> str:
-    """A number for the table, or "–" where it is undefined (None)."""
-    return "–" if value is None else format(value, spec)
-
-
-def _pct(value: Any, spec: str = ".0f") -> str:
-    return "–" if value is None else format(100 * value, spec) + "%"
-
-
-def headline(r: dict[str, Any]) -> str:
-    """One line of a non-head-to-head task's result for one variant."""
-    kind = r.get("kind")
-    if kind == "length":
-        text = (f"hit the cap {_pct(r.get('cap_share'))} (EOS {_pct(r.get('eos_share'))}); "
-                f"tokens median {_fmt(r.get('median_tokens'), '.0f')}, mean "
-                f"{_fmt(r.get('mean_tokens'))}; words mean {_fmt(r.get('mean_words'))}")
-        if r.get("win_rate") is not None:
-            text += (f"; win {_fmt(r.get('win_rate'))}, length~win rho "
-                     f"{_fmt(r.get('length_win_spearman'), '+.2f')}")
-        return text
-    if kind == "style_adherence":
-        return (f"poems: nearest bin {_pct(r.get('poem_share_nearest_bin'))}, farthest "
-                f"{_pct(r.get('poem_share_farthest_bin'))}; verse-shaped "
-                f"{_pct(r.get('verse_layout_share_nearest_bin'))} / "
-                f"{_pct(r.get('verse_layout_share_farthest_bin'))}; loops "
-                f"{_pct(r.get('loop_share'))}; adherence slope "
-                f"{_fmt(r.get('adherence_slope'), '+.3f')} "
-                f"[{_fmt(r.get('adherence_slope_ci_low'), '+.3f')}, "
-                f"{_fmt(r.get('adherence_slope_ci_high'), '+.3f')}]")
-    if kind == "ranking":
-        return (f"accuracy {_pct(r.get('accuracy'), '.1f')} "
-                f"[{_pct(r.get('ci_low'), '.1f')}, {_pct(r.get('ci_high'), '.1f')}], chance "
-                f"{_pct(r.get('chance'), '.1f')} (k={r.get('k')})")
-    return ""
-
-
-#: How much more often (in win-rate points) a variant must win the pairs where only the
-#: reference hit the cap than the others before the table warns.
-CAP_WARNING_POINTS = 5.0
-
-
-def cap_warning(r: dict[str, Any]) -> str:
-    """One line when a variant's win rate rests mostly on pairs where the reference hit the
-    token cap and the variant ended on EOS: more than half of its win mass comes from them, and
-    it wins there at least CAP_WARNING_POINTS more than on the pairs where neither or both hit
-    the cap; "" otherwise."""
-    share = r.get("cap_vs_eos_win_share")
-    there, elsewhere = r.get("win_rate_cap_vs_eos"), r.get("win_rate_without_cap_vs_eos")
-    if r.get("role") == "reference" or share is None or share <= 0.5 or there is None or \
-            (elsewhere is not None and there < elsewhere + CAP_WARNING_POINTS):
-        return ""
-    return (f"warning: {r['task']}/{r['model']}: {100 * share:.0f}% of its win rate comes from "
-            f"pairs where the reference hit the cap and it ended on EOS; it wins {_fmt(there)}% "
-            f"of the pairs where one side hit the cap, {_fmt(elsewhere)}% of the others")
-
-
-def validity_line(v: dict[str, Any] | None, judge: str) -> str:
-    """The judge's held-out validity figures in one line (or how to measure them)."""
-    if not v or not v.get("measured"):
-        return (f"judge {judge}: validity not measured; run `python -m harness validate-judges "
-                f"--judges {judge}` once")
-    return (f"judge {judge} ({v['how']}): contrastive pairs {_fmt(v['contrastive_all'])}% "
-            f"right (worst {v['contrastive_worst_category']} {_fmt(v['contrastive_worst'])}%); "
-            f"blind labels {_fmt(v['blind_agreement'])}% agreement (n={v['blind_n']}, win "
-            f"rates within {_fmt(v['blind_max_abs_delta'])} pts); GPT-4-turbo "
-            f"{_fmt(v['annotations_agreement'])}%, "
-            f"{_fmt(v.get('annotations_agreement_without_adversarial'))}% without NullModel "
-            f"(model rank rho {_fmt(v['annotations_spearman'], '.2f')}, "
-            f"{_fmt(v.get('annotations_spearman_without_adversarial'), '.2f')})")
-
-
-def format_table(summary: list[dict]) -> str:
-    """The short tables printed after a run: head-to-head rows, then one line per other task
-    and variant; undefined values print as "–"."""
-    h2h = [r for r in summary if r.get("kind", "head_to_head") == "head_to_head"]
-    lines = []
-    if h2h:
-        header = f"{'task':<16} {'variant':<34} {'n':>4} {'win rate':>15} {'LC':>6} " \
-                 f"{'tokens':>7} {'EOS%':>5}"
-        lines += [header, "-" * len(header)]
-    for r in h2h:
-        if r["role"] == "reference":
-            wr, lc = "reference", ""
-        else:
-            wr = f"{_fmt(r.get('win_rate'))} ± {_fmt(r.get('standard_error'))}"
-            lc = _fmt(r.get("length_controlled_winrate"))
-        eos = None if r.get("eos_share") is None else 100 * r["eos_share"]
-        lines.append(f"{r['task']:<16} {r['model']:<34} {r['n']:>4} {wr:>15} {lc:>6} "
-                     f"{_fmt(r.get('mean_tokens')):>7} {_fmt(eos, '.0f'):>5}")
-    lines += [w for r in h2h if (w := cap_warning(r))]
-    task = None
-    for r in summary:
-        if r.get("kind", "head_to_head") == "head_to_head":
-            continue
-        if r["task"] != task:
-            task = r["task"]
-            lines += ["", f"{task} ({r['kind']}, n = {r.get('n')})"]
-        lines.append(f"  {r['model']:<34} {headline(r)}")
-    return "\n".join(lines)
-
-
 # ------------------------------------------------------------------------------------ run
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from harness.runner import RunConfig, run
+    from harness.run.runner import RunConfig, run
 
     config = RunConfig(models=args.models, tasks=tuple(t.strip() for t in args.tasks.split(",")
                                                        if t.strip()),
@@ -170,7 +82,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from harness.merge import merge
+    from harness.run.merge import merge
 
     if args.out and (args.run_id or args.results_dir):
         raise ConfigError("merge: --out names the run directory; it cannot be combined with "
@@ -186,22 +98,16 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from harness.judging.registry import available_judges
-    from harness.registry import load_registry
-    from harness.tasks import available_tasks
-
     print("models:")
     for spec in load_registry(Path(args.registry) if args.registry else None).values():
         flags = [spec.role] if spec.role == "reference" else []
         if not spec.enabled:
             flags.append("not in 'all'")
         if spec.tune is not None:  # tuned: built (in 'all'), or the command that builds it
-            from harness.tune_config import build_status
 
             flags.append(build_status(spec))
         extra = f" [{', '.join(flags)}]" if flags else ""
         print(f"  {spec.name}{extra}: {spec.description or spec.source}")
-    from harness.configs import load_named_toml
 
     print("tasks:")
     for name in available_tasks():
@@ -217,7 +123,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from harness.alpaca_formats import export_run
+    from harness.report.export import export_run
 
     for path in export_run(Path(args.run_dir), Path(args.out) if args.out else None):
         print(path)
@@ -251,8 +157,7 @@ def _print_comparison(table: Any) -> None:
 
 
 def _cmd_leaderboard(args: argparse.Namespace) -> int:
-    from harness.cache import shared_data_dir
-    from harness.leaderboard import (
+    from harness.stats.leaderboard import (
         compare_leaderboards,
         read_leaderboard_csv,
         reproduce_leaderboard,
@@ -338,17 +243,12 @@ def _cmd_validate_judges(args: argparse.Namespace) -> int:
          f"{len(suite.blind)} blind-labelled pairs ({len(suite.stale)} stale, "
          f"{len(suite.unlabelled)} unlabelled)")
     if args.against:
-        from harness.judging import blind
-
         gens = _run_generations(Path(args.against))
         stale = blind.stale_against_run(blind.read_pairs(Path(args.pairs) if args.pairs
                                                          else blind.PAIRS_FILE), gens)
         _log(f"{len(stale)} labelled pairs differ from {args.against}'s outputs"
              + (f": {', '.join(stale[:10])}" if stale else ""))
     if args.refit:
-        from harness.configs import find_named
-        from harness.judging.registry import load_judge_spec
-
         path = find_named("judges", args.refit)
         weights = jv.refit(path, suite)
         load_judge_spec(str(path))  # the rewritten config must read back as a judge
@@ -365,9 +265,6 @@ def _cmd_validate_judges(args: argparse.Namespace) -> int:
 
 def _run_generations(run_dir: Path) -> list[dict[str, Any]]:
     """A run's stored generations as plain rows."""
-    from harness.records import GenerationRecord, to_dict
-    from harness.store import RecordLog
-
     path = run_dir / "generations.jsonl"
     if not path.is_file():
         raise ConfigError(f"{run_dir}: no generations.jsonl (is it a run directory?)")
@@ -375,13 +272,9 @@ def _run_generations(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def _cmd_blind_pairs(args: argparse.Namespace) -> int:
-    from harness.judging import blind
-
     gens = [g for d in args.runs for g in _run_generations(Path(d))]
     reference = args.reference
     if not reference:
-        from harness.configs import read_json
-
         summary = read_json(Path(args.runs[0]) / "summary.json", "run summary")
         reference = summary.get("meta", {}).get("reference") if isinstance(summary, dict) \
             else None
@@ -400,8 +293,6 @@ def _cmd_blind_pairs(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from harness import report as rp
-
     runs = [Path(r) for r in args.runs]
     if len(runs) > 2:
         raise ConfigError("report takes one run, or two to compare (RUN_A RUN_B)")
@@ -421,8 +312,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
         try:
             Path(args.out).write_text(text, encoding="utf-8")
         except OSError as e:
-            from harness.store import os_error
-
             raise os_error(e, Path(args.out), "write") from None
         print(args.out)
     else:
@@ -435,14 +324,14 @@ def _out(args: argparse.Namespace) -> Path | None:
 
 
 def _cmd_baseline(args: argparse.Namespace) -> int:
-    from harness.regression import write_baseline
+    from harness.report.regression import write_baseline
 
     print(write_baseline(Path(args.run_dir), Path(args.output)))
     return 0
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from harness import regression as rg
+    from harness.report import regression as rg
 
     rule = rg.Rule(alpha=args.alpha, z=args.z, min_delta=args.min_delta)
     comparisons = rg.check(Path(args.run_dir), Path(args.baseline), rule, args.allow_changed)
@@ -469,9 +358,6 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from harness.registry import load_registry
-    from harness.tuning import TuneInterrupted, tunable, tune_variant
-
     registry = load_registry(Path(args.registry) if args.registry else None)
     for spec in tunable(registry, args.names):
         try:
@@ -484,9 +370,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
             print(f"{spec.name}: already built: {result.path}")
             continue
         print(f"{spec.name}: built {result.path} ({info['steps']} steps, final loss "
-              f"{_fmt(info['final_loss'], '.4f')}, {info['tokens_trained']} tokens in "
+              f"{fmt(info['final_loss'], '.4f')}, {info['tokens_trained']} tokens in "
               f"{info['seconds']:.0f} s on {info['device']}, "
-              f"{_fmt(info['tokens_per_second'])} tokens/s)")
+              f"{fmt(info['tokens_per_second'])} tokens/s)")
     return 0
 
 
@@ -495,7 +381,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 def jv_default_judges() -> tuple[str, ...]:
     """The judges validate-judges shows by default (the default judge first)."""
-    from harness.runner import DEFAULT_JUDGE
+    from harness.run.runner import DEFAULT_JUDGE
 
     rest = ("heuristic_combined", "longer", "termination")
     return (DEFAULT_JUDGE, *(j for j in rest if j != DEFAULT_JUDGE))
@@ -503,8 +389,7 @@ def jv_default_judges() -> tuple[str, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
-    from harness.generation import DEFAULT_BATCH_SIZE
-    from harness.runner import DEFAULT_JUDGE
+    from harness.run.runner import DEFAULT_JUDGE
 
     parser = _Parser(prog="python -m harness", description=__doc__.splitlines()[0])
     parser.add_argument("--project", metavar="DIR",
@@ -700,8 +585,6 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         if args.project:
-            from harness.configs import PROJECT_ENV
-
             if not Path(args.project).is_dir():
                 raise ConfigError(f"--project {args.project}: not a directory")
             os.environ[PROJECT_ENV] = str(Path(args.project).resolve())

@@ -5,7 +5,9 @@ import math
 
 import pytest
 
-from harness.alpaca_formats import (
+from harness.core.cache import shared_data_dir
+from harness.core.errors import DataError
+from harness.data.alpaca_formats import (
     Annotation,
     ModelOutput,
     annotations_frame,
@@ -15,8 +17,6 @@ from harness.alpaca_formats import (
     write_annotations,
     write_model_outputs,
 )
-from harness.cache import shared_data_dir
-from harness.errors import DataError
 
 SHARED = shared_data_dir() / "alpaca_eval"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="shared AlpacaEval data absent")

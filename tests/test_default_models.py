@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
-from harness.errors import WeightsError
-from harness.registry import load_registry, select_models
-from harness.weights import MARKER, assemble_gguf, resolve_model_dir
+from harness.core.errors import WeightsError
+from harness.models.registry import load_registry, select_models
+from harness.models.weights import MARKER, assemble_gguf, resolve_model_dir
 
 pytestmark = pytest.mark.slow
 
@@ -54,8 +54,8 @@ def test_default_run_end_to_end_on_real_models(tmp_path, capsys):
 def test_every_task_runs_on_the_default_variants(tmp_path, capsys):
     """`run --models all --tasks all`: every built-in task (a task whose reference is not built
     is skipped with a note) gives a headline row per variant and its tables."""
-    from harness.tasks import available_tasks, load_task
-    from harness.tune_config import is_built
+    from harness.models.builds import is_built
+    from harness.tasks.kinds import available_tasks, load_task
 
     args = ["run", "--models", "all", "--tasks", "all", "--limit", "2", "--max-new-tokens",
             "16", "--results-dir", str(tmp_path)]

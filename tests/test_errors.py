@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
-from harness.errors import ConfigError, DataError
-from harness.instruction_sets import read_instructions
-from harness.registry import load_registry, select_models
+from harness.core.errors import ConfigError, DataError
+from harness.data.instruction_sets import read_instructions
+from harness.models.registry import load_registry, select_models
 
 ROOT = Path(__file__).resolve().parents[1]
 

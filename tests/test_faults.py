@@ -24,9 +24,9 @@ import pytest
 from tiny import sigint_default, write_registry
 
 from harness.cli import main
-from harness.errors import DataError
-from harness.records import GenerationRecord, to_dict
-from harness.store import RecordLog, by_row
+from harness.core.errors import DataError
+from harness.store.logs import RecordLog, by_row
+from harness.store.records import GenerationRecord, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 30  # instructions in the kill tests: long enough to be killed mid-run at batch size 1
@@ -545,9 +545,9 @@ def test_a_slowloris_judge_is_one_line_within_its_deadline(setup, tmp_path, caps
 
 
 def test_a_slowloris_generation_server_is_given_up_on(setup, tmp_path, monkeypatch):
-    from harness import backends
-    from harness.errors import TransientBackendError
-    from harness.registry import load_registry
+    from harness.core.errors import TransientBackendError
+    from harness.generate import backends
+    from harness.models.registry import load_registry
 
     monkeypatch.setenv("FAULTS_KEY", "sk-faults-secret-123")
     with _serve(_SlowlorisHandler) as url:
@@ -775,7 +775,7 @@ def test_an_impossible_number_in_a_stored_generation_names_file_and_line(tmp_pat
 
 
 def test_a_preference_outside_one_to_two_in_a_stored_judgment_is_refused(tmp_path):
-    from harness.records import JudgmentRecord
+    from harness.store.records import JudgmentRecord
 
     rec = JudgmentRecord(key="k", task="t", model="m", instruction_id="1", judge="j",
                          judge_spec_hash="h", generator_1="a", generator_2="b", preference=7.0)

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness import embeddings as emb
-from harness.cache import shared_data_dir
-from harness.errors import ConfigError, WeightsError
+from harness.core.cache import shared_data_dir
+from harness.core.errors import ConfigError, WeightsError
 from harness.judging import Candidate, JudgeSpec, PairwiseItem
+from harness.judging import embeddings as emb
 from harness.judging import heuristic as hj
 from harness.judging.registry import get_judge, load_judge_spec
 
@@ -171,7 +171,7 @@ def test_fit_logistic_recovers_weights():
 def test_default_judge_prefers_finished_clean_answers_on_real_pairs_and_is_symmetric():
     """The default judge on real AlpacaEval pairs: swapping the outputs
     mirrors every preference, and an answer cut off in a loop loses to a finished one."""
-    from harness.runner import DEFAULT_JUDGE
+    from harness.run.runner import DEFAULT_JUDGE
 
     path = SHARED / "alpaca_eval" / "annotations" / "claude-2.1.json"
     if not path.exists():

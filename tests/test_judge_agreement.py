@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from harness import PROJECT_ROOT
-from harness.cache import shared_data_dir
 from harness.cli import build_parser
-from harness.errors import DataError, HarnessError
+from harness.core.cache import shared_data_dir
+from harness.core.errors import DataError, HarnessError
 from harness.judging import Candidate, PairwiseItem
 from harness.judging import agreement as ja
 

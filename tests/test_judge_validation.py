@@ -8,14 +8,14 @@ import json
 import numpy as np
 import pytest
 
-from harness.cache import shared_data_dir
-from harness.cli import cap_warning, validity_line
-from harness.errors import DataError
+from harness.core.cache import shared_data_dir
+from harness.core.errors import DataError
 from harness.judging import blind, contrastive
 from harness.judging import heuristic as hj
 from harness.judging import validation as jv
 from harness.judging.protocol import Candidate, JudgeSpec, PairwiseItem
-from harness.runner import cap_against_eos, order_agreement
+from harness.report.text import cap_warning, validity_line
+from harness.tasks.head_to_head import cap_against_eos, order_agreement
 
 HAS_SHARED = (shared_data_dir() / "alpaca_eval" / "annotations").is_dir()
 needs_shared = pytest.mark.skipif(not HAS_SHARED, reason="needs ../shared/data")
@@ -312,7 +312,7 @@ def test_validate_judges_command_rejects_unknown_judge(capsys):
 def test_default_judge_meets_its_targets_held_out():
     """The default judge's committed figures are what the suite measures now (held out), and
     they meet the targets on (a) and (b); NullModel's attack does not fool it."""
-    from harness.runner import DEFAULT_JUDGE
+    from harness.run.runner import DEFAULT_JUDGE
 
     spec = jv.resolve_spec(DEFAULT_JUDGE)
     figures = jv.validate(spec, jv.load_suite())
@@ -349,7 +349,7 @@ def test_validate_judges_command_prints_the_three_sets(tmp_path, capsys, monkeyp
 
 def test_blind_pairs_command_writes_pairs_and_reader_views(tmp_path, capsys):
     from harness.cli import main
-    from harness.records import GenerationRecord, to_dict
+    from harness.store.records import GenerationRecord, to_dict
 
     run = tmp_path / "run"
     run.mkdir()

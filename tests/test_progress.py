@@ -2,8 +2,9 @@
 
 import pytest
 
-from harness import runner
-from harness.generation import format_prompt, generate, load_model, load_tokenizer
+from harness.generate.backends import template_prompt as format_prompt
+from harness.generate.transformers import generate, load_model, load_tokenizer
+from harness.run import runner
 
 PROMPTS = ["Write a haiku about rain.", "List three colours.", "What is 2 + 2?",
            "Explain gravity to a child in one sentence."]

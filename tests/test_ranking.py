@@ -7,17 +7,21 @@ import pytest
 import torch
 from tiny import write_registry
 
-from harness import lm_eval_model
-from harness.errors import ConfigError, DataError, HarnessError
-from harness.generation import encode_prompt, format_prompt, load_model, load_tokenizer
-from harness.lm_eval_model import (
+from harness.core.errors import ConfigError, DataError, HarnessError
+from harness.generate import lm_eval as lm_eval_model
+from harness.generate.backends import template_prompt as format_prompt
+from harness.generate.lm_eval import (
     HarnessLM,
     loglikelihoods,
     make_lm,
     rule_score_matrix,
     rules_logprobs,
 )
-from harness.ranking import (
+from harness.generate.rules import combine, reference_generate, resolution_for, rule_scores
+from harness.generate.transformers import encode_prompt, load_model, load_tokenizer
+from harness.models.registry import load_registry
+from harness.models.rules_config import RulesConfig
+from harness.tasks.ranking import (
     RankingOptions,
     RankItem,
     analyse,
@@ -27,9 +31,6 @@ from harness.ranking import (
     rank,
     score_requests,
 )
-from harness.registry import load_registry
-from harness.rules import combine, reference_generate, resolution_for, rule_scores
-from harness.rules_config import RulesConfig
 
 #: Log-likelihood sums are float32 on CPU; a padded batch changes the matmul shapes, so sums
 #: over ~100 tokens may differ in the last bits. Agreement is required to this absolute value.
@@ -132,7 +133,7 @@ def test_unsupported_requests_say_what_to_use(tiny):
     lm = _lm(tiny, "tiny-base")
     with pytest.raises(NotImplementedError, match="backend 'hf'"):
         lm.loglikelihood_rolling([])
-    with pytest.raises(NotImplementedError, match="harness.generation"):
+    with pytest.raises(NotImplementedError, match="harness.generate.transformers"):
         lm.generate_until([])
 
 
@@ -357,7 +358,7 @@ def test_a_base_and_its_rules_variant_share_forward_passes_with_equal_results(ti
     """group_lms scores a request for every variant of one set of weights in one pass: each
     variant still gets exactly what its own HarnessLM gives, and the second asks the model
     nothing."""
-    from harness.lm_eval_model import group_lms
+    from harness.generate.lm_eval import group_lms
 
     registry, tokenizers = tiny
     base, rules = registry["tiny-base"], registry["tiny-rules"]

@@ -6,8 +6,8 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 
-from harness import regression as rg
 from harness.cli import main
+from harness.report import regression as rg
 
 HASHES = {"output_identity": "a", "reference_identity": "r", "prompts": "p", "judge": "j"}
 

@@ -7,7 +7,7 @@ import io
 import pytest
 
 from harness.cli import main
-from harness.runner import RunConfig, run
+from harness.run.runner import RunConfig, run
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.runner import RunConfig, run
+from harness.run.runner import RunConfig, run
 
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
 EVIL = '<img src=x onerror="document.title=\'pwned\'"><b>bold?</b>'
@@ -18,7 +18,7 @@ EVIL = '<img src=x onerror="document.title=\'pwned\'"><b>bold?</b>'
 def test_report_renders_in_chromium_and_escapes_outputs(tiny_setup, monkeypatch, tmp_path):
     if BROWSER is None:  # under CI=true a missing browser fails: the report must be checked
         pytest.fail("CI=true but chromium is not installed: the report's browser test cannot run")
-    import harness.generation as generation
+    import harness.generate.transformers as generation
 
     real = generation.generate
 

@@ -8,8 +8,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessorList, PreTrainedTokenizerFast
 
-from harness.errors import ConfigError
-from harness.rules import (
+from harness.core.errors import ConfigError
+from harness.generate.rules import (
     RulesLogitsProcessor,
     TokenResolution,
     build_processor,
@@ -18,7 +18,7 @@ from harness.rules import (
     resolve_token_table,
     rule_scores,
 )
-from harness.rules_config import DEFAULT_TOKEN_TABLE, RulesConfig, eos_bonus
+from harness.models.rules_config import DEFAULT_TOKEN_TABLE, RulesConfig, eos_bonus
 
 OFF = RulesConfig(eos=False, uniform=False, diversity=False)
 FILLER = [" the", " cat", " sat", " on", " mat", "hello", " world", " dog", " ran", "."]
@@ -303,8 +303,8 @@ def _gemma_dir() -> str:
     if os.environ.get("HARNESS_RULES_MODEL_DIR"):
         return os.environ["HARNESS_RULES_MODEL_DIR"]
     try:
-        from harness.registry import load_registry
-        from harness.weights import resolve_model_dir
+        from harness.models.registry import load_registry
+        from harness.models.weights import resolve_model_dir
 
         return resolve_model_dir(load_registry()["gemma3-270m"])
     except Exception as exc:  # noqa: BLE001 - any failure means the weights are not here

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
-from harness.records import GenerationRecord
-from harness.runner import RunConfig, run
-from harness.store import RecordLog, by_row
+from harness.run.runner import RunConfig, run
+from harness.store.logs import RecordLog, by_row
+from harness.store.records import GenerationRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,7 +71,7 @@ def test_max_new_tokens_changes_the_cache_key(tiny_setup):
 
 
 def test_interrupted_run_resumes_without_redoing_work(tiny_setup, monkeypatch):
-    import harness.generation as generation
+    import harness.generate.transformers as generation
 
     real = generation.generate
     made = []
@@ -124,7 +124,7 @@ def test_killed_process_resumes_where_it_stopped(tiny_setup):
 
 
 def test_report_escapes_model_outputs(tiny_setup, monkeypatch):
-    import harness.generation as generation
+    import harness.generate.transformers as generation
 
     real = generation.generate
 
@@ -187,7 +187,7 @@ def test_rules_variants_run_batched_and_all_rules_off_equals_the_base_model(tiny
 
 
 def test_export_writes_alpaca_eval_files_that_read_back(tiny_setup):
-    from harness.alpaca_formats import read_annotations, read_model_outputs
+    from harness.data.alpaca_formats import read_annotations, read_model_outputs
 
     result = run(_config(tiny_setup))
     assert main(["export", str(result.run_dir)]) == 0
@@ -204,9 +204,10 @@ def test_export_writes_alpaca_eval_files_that_read_back(tiny_setup):
 def test_tuned_builds_with_the_same_tokenizer_files_load_one_tokenizer(tmp_path, monkeypatch):
     """Tuned builds each hold a copy of their base's tokenizer: equal copies (other weights and
     build records aside) load once; a build whose tokenizer or config differs loads its own."""
-    from harness import runner
-    from harness.registry import ModelSpec
-    from harness.tune_config import DataSpec, TuneSpec
+    from harness.data.tune_data import DataSpec
+    from harness.models.recipes import TuneSpec
+    from harness.models.spec import ModelSpec
+    from harness.run import runner
 
     builds = {}
     for name, tokenizer, config in (("a", "tok", "cfg"), ("b", "tok", "cfg"),
@@ -239,7 +240,7 @@ def test_memory_freed_between_models_goes_back_to_the_system():
     loads (glibc keeps it otherwise: 2 GB a gemma variant)."""
     import ctypes
 
-    from harness.runner import release_memory
+    from harness.run.runner import release_memory
 
     libc = ctypes.CDLL(None)
     if not hasattr(libc, "malloc_trim"):

@@ -9,9 +9,9 @@ import pytest
 from tiny import write_registry, write_task
 
 from harness.cli import main
-from harness.runner import RunConfig, run
-from harness.shards import Shard, parse_shard, select_samples, shard_of
-from harness.tasks import load_task
+from harness.run.runner import RunConfig, run
+from harness.run.shards import Shard, parse_shard, select_samples, shard_of
+from harness.tasks.kinds import load_task
 
 #: A rules variant whose EOS bonus ends some responses early: verdicts and lengths vary.
 RULES = '\n[models.tiny-rules]\nbase = "tiny-base"\nrules = { eos_max = 4.0, ramp = 8 }\n'

@@ -5,10 +5,13 @@ import torch
 from test_rules import FILLER, _bpe_tokenizer, _prompts, _tiny_model
 from transformers import MistralConfig, MistralForCausalLM
 
-from harness import generation, slot_decoding
-from harness.generation import format_prompt, generate, load_model, load_tokenizer
-from harness.rules import build_rows, reference_generate
-from harness.rules_config import DEFAULT_TOKEN_TABLE, RulesConfig
+from harness.generate import backends, slot_decoding
+from harness.generate import transformers as generation
+from harness.generate.backends import output_identity
+from harness.generate.backends import template_prompt as format_prompt
+from harness.generate.rules import build_rows, reference_generate
+from harness.generate.transformers import generate, load_model, load_tokenizer
+from harness.models.rules_config import DEFAULT_TOKEN_TABLE, RulesConfig
 
 OFF = RulesConfig(eos=False, uniform=False, diversity=False)
 CONFIGS = [None, RulesConfig(), RulesConfig(ramp=12, eos_hold=True),
@@ -150,7 +153,7 @@ def test_gemma_rows_joining_and_leaving_match_the_reference():
         "List some fruits", "Say hello.")]
     prompts = [gtok(t).input_ids for t in texts]
     config = RulesConfig(ramp=8)  # rows end at different steps, so the fourth prompt joins
-    eos = generation.model_eos_ids(gmodel, gtok)
+    eos = backends.model_eos_ids(gmodel, gtok)
     got = {f.index: f.tokens for f in slot_decoding.decode(
         gmodel, prompts, slots=3, max_new_tokens=16, eos_ids=eos, pad_id=gtok.pad_token_id,
         scorer=build_rows(config, gtok, gmodel, eos), admit_at=1)}
@@ -223,8 +226,8 @@ def test_a_common_prefix_is_shared_only_where_it_saves_enough():
 
 
 def test_sharing_a_prefix_can_be_turned_off_and_keys_say_which(model, tok, monkeypatch):
-    from harness.records import generation_key
-    from harness.registry import ModelSpec
+    from harness.models.spec import ModelSpec
+    from harness.store.records import generation_key
 
     prefix, prompts = _with_prefix(tok, 20, [2, 9, 3, 8], seed=11)
     monkeypatch.setenv("HARNESS_SHARED_PREFIX", "off")
@@ -238,9 +241,9 @@ def test_sharing_a_prefix_can_be_turned_off_and_keys_say_which(model, tok, monke
     assert got == [reference_generate(model, tok, p, OFF, 8) for p in prompts]
     spec = ModelSpec(name="m", source="pypi", packages=("p==1",), files=("f.gguf",),
                      sha256="a" * 64)
-    off = spec.output_identity({"tokenizer": "t"})
+    off = output_identity(spec, {"tokenizer": "t"})
     monkeypatch.delenv("HARNESS_SHARED_PREFIX")
-    on = spec.output_identity({"tokenizer": "t"})
+    on = output_identity(spec, {"tokenizer": "t"})
     assert on["decoder"] == slot_decoding.SHARED_PREFIX and "decoder" not in off
     assert generation_key(on, "p") != generation_key(off, "p")
 
@@ -387,7 +390,7 @@ VARIANTS = [None, RulesConfig(ramp=6), RulesConfig(ramp=6, eos=False),
 def test_mixed_rows_score_each_row_bit_for_bit_as_its_own_variant(model, tok):
     """Rows of several variants in one scorer, ending and moving as the decoder moves them, get
     the very scores (not only the tokens) their variant's own scorer or the raw logits give."""
-    from harness.rules import MixedRows
+    from harness.generate.rules import MixedRows
 
     vocab = model.get_output_embeddings().weight.shape[0]
     prompts = _prompts(tok, [4, 11, 7, 9], seed=8)
@@ -433,7 +436,7 @@ def test_variants_of_one_model_decode_as_one_batch_each_as_alone(model, tok, slo
     """Several variants' rows in one batch (all at once, or a few slots at a time with rows
     joining) give each variant what it gives alone; a prompt shared by the variants is
     prefilled once when its copies are admitted together."""
-    from harness.rules import MixedRows
+    from harness.generate.rules import MixedRows
 
     prompts = _prompts(tok, [4, 11, 7, 2, 9, 3], seed=5)
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -467,7 +470,7 @@ def test_the_backend_decodes_a_models_variants_together_as_each_alone(tiny_loade
     share a batch."""
     import dataclasses
 
-    from harness.runner import decoding_groups
+    from harness.run.runner import decoding_groups
 
     texts = ["Write a haiku about rain.", "List three colours.", "What is 2 + 2?",
              "Explain gravity to a child in one sentence.", "Name a fruit."]

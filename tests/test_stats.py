@@ -6,10 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness import leaderboard, stats
-from harness.cache import shared_data_dir
 from harness.cli import build_parser
-from harness.errors import ConfigError, DataError
+from harness.core.cache import shared_data_dir
+from harness.core.errors import ConfigError, DataError
+from harness.stats import leaderboard
+from harness.stats import winrates as stats
 
 SHARED = shared_data_dir() / "alpaca_eval"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="shared AlpacaEval data absent")

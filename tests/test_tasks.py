@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
-from harness.errors import HarnessError
-from harness.instruction_sets import load_source, parse_sources
-from harness.runner import RunConfig, run
-from harness.tasks import load_task
+from harness.core.errors import HarnessError
+from harness.data.instruction_sets import load_source, parse_sources
+from harness.run.runner import RunConfig, run
+from harness.tasks.kinds import load_task
 
 
 def _config(setup, tasks, **kw) -> RunConfig:
@@ -70,7 +70,8 @@ category_field = "topic", reference_field = "answer", reference_name = "gold" }}
         assert {r["model"] for r in csv.DictReader(f)} == {"tiny-ref", "tiny-base"}
     html = (result.run_dir / "report.html").read_text()
     assert "Red, green and blue." in html and 'data-task="stored"' in html
-    from harness.alpaca_formats import export_run, read_annotations
+    from harness.data.alpaca_formats import read_annotations
+    from harness.report.export import export_run
 
     exported = [p for p in export_run(result.run_dir) if p.name == "annotations.json"]
     anns = read_annotations(exported[0])
@@ -244,7 +245,7 @@ k = 2
 
 
 def test_tasks_all_skips_a_task_whose_reference_is_not_in_the_registry(tiny_setup, capsys):
-    from harness.runner import resolve
+    from harness.run.runner import resolve
 
     specs, _, tasks, _ = resolve(_config(tiny_setup, ["all"]))
     names = {t.name for t in tasks}

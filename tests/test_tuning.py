@@ -15,16 +15,11 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
-from harness.errors import ConfigError, DataError, WeightsError
-from harness.registry import load_registry, select_models
-from harness.tune_config import (
-    TUNED_MARKER,
-    build_dir,
-    data_hash,
-    find_build,
-    parse_tune,
-    tuned_root,
-)
+from harness.core.errors import ConfigError, DataError, WeightsError
+from harness.generate.backends import output_identity
+from harness.models.builds import build_dir, data_hash, find_build, tuned_root, weights_identity
+from harness.models.recipes import TUNED_MARKER, parse_tune
+from harness.models.registry import load_registry, select_models
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -102,8 +97,9 @@ def _one_line(capsys, argv, code: int = 2) -> str:
 def test_collator_masks_prompt_and_padding_and_keeps_the_response(tuned):
     from transformers import AutoTokenizer
 
-    from harness.generation import encode_prompt, format_prompt
-    from harness.tuning import ResponseOnlyCollator, encode_pairs
+    from harness.generate.backends import template_prompt as format_prompt
+    from harness.generate.transformers import encode_prompt
+    from harness.train.tuning import ResponseOnlyCollator, encode_pairs
 
     spec = _spec(tuned["registry"]())
     tok = AutoTokenizer.from_pretrained(spec.path)
@@ -131,7 +127,7 @@ def test_a_shortened_response_ends_at_a_sentence_and_keeps_its_eos(tuned):
     ends and then EOS; "cut" drops the tail and the EOS."""
     from transformers import AutoTokenizer
 
-    from harness.tuning import encode_pairs
+    from harness.train.tuning import encode_pairs
 
     spec = _spec(tuned["registry"]())
     tok = AutoTokenizer.from_pretrained(spec.path)
@@ -151,7 +147,7 @@ def _response_loss(model_dir: str, spec) -> float:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from harness.tuning import ResponseOnlyCollator, encode_pairs
+    from harness.train.tuning import ResponseOnlyCollator, encode_pairs
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -210,14 +206,14 @@ def test_a_built_variant_is_not_reused_once_its_data_changes(tuned):
     spec = _spec(registry)
     assert main(["tune", "tiny-tuned", "--registry", str(registry)]) == 0
     built = find_build(spec)
-    assert built is not None and spec.weights_identity()["build"] == built.name
-    identity = spec.output_identity()
+    assert built is not None and weights_identity(spec)["build"] == built.name
+    identity = output_identity(spec)
     assert identity["weights"]["recipe"] == spec.tune.recipe_hash()
     assert identity["weights"]["data"] == data_hash(spec.tune.data)
     _write_data(tuned["data"], repeat=3)
     assert find_build(spec) is None  # a new variant to build, never the stale one
     with pytest.raises(WeightsError, match="python -m harness tune tiny-tuned"):
-        spec.weights_identity()
+        weights_identity(spec)
 
 
 # ---------------------------------------------------------------------------- (c) resume
@@ -232,7 +228,7 @@ def _weights(path: Path) -> dict:
 def test_an_interrupted_tune_resumes_and_ends_at_the_same_weights(tuned, monkeypatch):
     from transformers import TrainerCallback
 
-    from harness.tuning import TuneInterrupted, tune_variant
+    from harness.train.tuning import TuneInterrupted, tune_variant
 
     spec = _spec(tuned["registry"](steps=6))
     whole = tune_variant(spec, device="cpu")
@@ -267,7 +263,7 @@ def test_an_interrupted_tune_resumes_and_ends_at_the_same_weights(tuned, monkeyp
 def test_a_build_whose_saving_failed_resumes_from_its_final_checkpoint(tuned, monkeypatch):
     import transformers
 
-    from harness.tuning import tune_variant
+    from harness.train.tuning import tune_variant
 
     spec = _spec(tuned["registry"](steps=6))  # 6 steps end mid-epoch (5 batches per epoch)
     whole = tune_variant(spec, device="cpu")
@@ -287,7 +283,7 @@ def test_a_build_whose_saving_failed_resumes_from_its_final_checkpoint(tuned, mo
 
 def test_ctrl_c_through_the_cli_is_one_line_naming_the_resume_command(tuned, capsys,
                                                                       monkeypatch):
-    import harness.tuning as tuning
+    import harness.train.tuning as tuning
 
     def interrupted(spec, **kwargs):
         raise tuning.TuneInterrupted(f"interrupted at step 3 of 6; checkpoint saved; resume "
@@ -383,9 +379,8 @@ def test_unbuilt_variant_fails_in_run_then_runs_once_tuned(tuned, capsys):
 
 
 def test_lima_adapters_pick_the_same_records_and_response_tuning_empties_the_instruction():
-    from harness.cache import shared_data_dir
-    from harness.tune_config import DataSpec
-    from harness.tune_data import load_pairs
+    from harness.core.cache import shared_data_dir
+    from harness.data.tune_data import DataSpec, load_pairs
 
     if not (shared_data_dir() / "lima" / "lima_no_instruction.jsonl").is_file():
         pytest.skip("no LIMA in the shared data folder")
@@ -401,8 +396,8 @@ def test_lima_adapters_pick_the_same_records_and_response_tuning_empties_the_ins
 def test_response_tuning_prompts_are_the_template_with_an_empty_instruction(tuned):
     from transformers import AutoTokenizer
 
-    from harness.generation import format_prompt
-    from harness.tuning import encode_pairs
+    from harness.generate.backends import template_prompt as format_prompt
+    from harness.train.tuning import encode_pairs
 
     spec = _spec(tuned["registry"]())
     tok = AutoTokenizer.from_pretrained(spec.path)
@@ -412,8 +407,13 @@ def test_response_tuning_prompts_are_the_template_with_an_empty_instruction(tune
 
 
 def test_poetry_pairs_are_deterministic_and_never_held_out_poems():
-    from harness.tune_config import DataSpec
-    from harness.tune_data import load_pairs, poetry_heldout, poetry_train, poetry_wheel
+    from harness.data.tune_data import (
+        DataSpec,
+        load_pairs,
+        poetry_heldout,
+        poetry_train,
+        poetry_wheel,
+    )
 
     try:
         wheel = poetry_wheel()

@@ -9,12 +9,13 @@ import importlib.util
 import pytest
 import torch
 
-from harness import backends, generation
-from harness.errors import BackendError
-from harness.registry import DecodingSpec, ModelSpec
-from harness.rules import reference_generate
-from harness.rules_config import RulesConfig
-from harness.vllm_generation import RulesRequestProcessor, require_vllm, rules_args
+from harness.core.errors import BackendError
+from harness.generate import backends
+from harness.generate import transformers as generation
+from harness.generate.rules import reference_generate
+from harness.generate.vllm import RulesRequestProcessor, require_vllm, rules_args
+from harness.models.rules_config import RulesConfig
+from harness.models.spec import DecodingSpec, ModelSpec
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 HAS_GPU = torch.cuda.is_available()
@@ -29,7 +30,7 @@ CONFIGS = {
 
 def _spec(model_dir, rules: RulesConfig | None = None, backend: str = "transformers",
           cap: int = 14) -> ModelSpec:
-    from harness.backend_config import BackendOptions
+    from harness.models.backend_config import BackendOptions
 
     return ModelSpec(name="v", source="local", path=str(model_dir), prompt_format="plain",
                      decoding=DecodingSpec(max_new_tokens=cap), rules=rules, backend=backend,
@@ -46,7 +47,7 @@ def test_the_vllm_rules_processor_decodes_as_the_reference_rules_decoder(tiny_di
     loaded = generation.load_model(spec, tok)
     args = rules_args(spec, tok, loaded.eos_ids)
     for instruction in ("Give 3 tips for staying healthy.", "Write a short poem about the sea."):
-        prompt = generation.encode_prompt(spec, tok, generation.format_prompt(spec, tok,
+        prompt = generation.encode_prompt(spec, tok, backends.template_prompt(spec, tok,
                                                                                instruction))
         want = reference_generate(loaded.model, tok, prompt, spec.rules, 14,
                                   eos_ids=loaded.eos_ids)
@@ -102,7 +103,7 @@ def test_vllm_greedy_outputs_match_the_transformers_backend(tmp_path, rules):
     tok.save_pretrained(tmp_path)
     config = None if rules is None else CONFIGS[rules]
     ref_spec, vllm_spec = _spec(tmp_path, config), _spec(tmp_path, config, backend="vllm")
-    prompts = [generation.format_prompt(ref_spec, tok, f"Give {i} tips.") for i in range(6)]
+    prompts = [backends.template_prompt(ref_spec, tok, f"Give {i} tips.") for i in range(6)]
     ref_tok = generation.load_tokenizer(ref_spec)
     ref = dict(generation.generate(generation.load_model(ref_spec, ref_tok), prompts, 6))
     got = dict(backends.generate(backends.load_model(vllm_spec, ref_tok), prompts))

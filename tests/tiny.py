@@ -53,7 +53,7 @@ def make_tiny_model(out_dir: Path, seed: int = 0) -> Path:
 
 def tiny_spec(out_dir: Path, max_new_tokens: int, seed: int = 3):
     """A plain-prompt local ModelSpec over a fresh tiny model saved to out_dir."""
-    from harness.registry import DecodingSpec, ModelSpec
+    from harness.models.spec import DecodingSpec, ModelSpec
 
     path = make_tiny_model(out_dir, seed=seed)
     return ModelSpec(name="tiny", source="local", path=str(path), prompt_format="plain",

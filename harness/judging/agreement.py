@@ -22,13 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from harness.alpaca_formats import read_annotations
-from harness.cache import shared_data_dir
-from harness.errors import ConfigError, DataError
+from harness.core.cache import shared_data_dir
+from harness.core.errors import ConfigError, DataError
+from harness.data.alpaca_formats import read_annotations
 from harness.judging import heuristic as hj
 from harness.judging.protocol import Candidate, JudgeSpec, PairwiseItem
 from harness.judging.registry import JUDGES_DIR, build_judge, load_judge_spec
-from harness.stats import win_rate_summary
+from harness.stats.winrates import win_rate_summary
 
 
 def default_annotations() -> Path:

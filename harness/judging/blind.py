@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.configs import builtin_dir, read_user_text
-from harness.errors import DataError
+from harness.core.configs import builtin_dir, read_user_text
+from harness.core.errors import DataError
 from harness.judging.protocol import Candidate, PairwiseItem
 
 #: The committed pairs, labels and rubric (judges/validation/ in the checkout and the wheel).

@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.alpaca_formats import read_annotations
-from harness.cache import shared_data_dir
-from harness.errors import DataError
+from harness.core.cache import shared_data_dir
+from harness.core.errors import DataError
+from harness.data.alpaca_formats import read_annotations
 from harness.judging.agreement import instruction_fold
 from harness.judging.protocol import Candidate, PairwiseItem
 

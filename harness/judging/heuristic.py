@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from harness.configs import expect
-from harness.errors import ConfigError
+from harness.core.configs import expect
+from harness.core.errors import ConfigError
 from harness.judging.protocol import Candidate, JudgeSpec, Judgment, PairwiseItem
-from harness.stats import sigmoid
+from harness.stats.winrates import sigmoid
 
 #: Bumped whenever a feature function or verdict rule changes what a judge outputs, so cached
 #: judgments made by the old code are not reused (it is part of every heuristic judge's key).
@@ -225,7 +225,7 @@ def duplicate_line_share(text: str) -> float:
 
 def relevance_scores(items: Sequence[PairwiseItem], max_length: int = 128) -> np.ndarray:
     """(n, 2) cosine similarities of each instruction with output_1 and output_2 (MiniLM)."""
-    from harness.embeddings import get_embedder
+    from harness.judging.embeddings import get_embedder
 
     embedder = get_embedder(max_length)
     ins = [it.instruction for it in items]
@@ -370,7 +370,7 @@ def resolved_spec(spec: JudgeSpec, params: dict[str, Any]) -> JudgeSpec:
     used = {k: params[k] for k in USED_PARAMS[params["method"]]}
     used.update(method=params["method"], feature_version=FEATURE_VERSION)
     if uses_relevance(params):
-        from harness.embeddings import model_identity
+        from harness.judging.embeddings import model_identity
 
         used["embedding_model"] = model_identity()
     return JudgeSpec(name=spec.name, kind=spec.kind, params=used)

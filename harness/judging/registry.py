@@ -2,8 +2,8 @@
 
 import importlib
 
-from harness.configs import available, builtin_dir, expect, load_named_toml
-from harness.errors import ConfigError
+from harness.core.configs import available, builtin_dir, expect, load_named_toml
+from harness.core.errors import ConfigError
 from harness.judging.protocol import Judge, JudgeSpec
 
 #: The built-in judge configs (a project's own judges/ folder is searched first).

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from harness.cache import cache_root
-from harness.errors import ConfigError
-from harness.hashing import canonical_json, content_hash
+from harness.core.cache import cache_root
+from harness.core.errors import ConfigError
+from harness.core.hashing import canonical_json, content_hash
 from harness.judging import blind, contrastive
 from harness.judging import heuristic as hj
 from harness.judging.agreement import (
@@ -35,7 +35,7 @@ from harness.judging.agreement import (
     win_rate,
 )
 from harness.judging.protocol import JudgeSpec, PairwiseItem
-from harness.judging.registry import build_judge
+from harness.judging.registry import build_judge, load_judge_spec
 
 SUITE_VERSION = 1
 SOURCES = ("annotations", "contrastive", "blind")
@@ -479,7 +479,6 @@ def refit(path: Path, suite: Suite) -> dict[str, float]:
     """Fit a combined judge with fit_sources on the whole suite and rewrite its TOML, keeping
     its comment block up to the weights."""
     from harness.judging.agreement import write_combined_toml
-    from harness.judging.registry import load_judge_spec
 
     spec = load_judge_spec(str(path))
     if not (_is_fitted(spec) and spec.params.get("fit_sources")):
