@@ -26,6 +26,7 @@ from harness.core.errors import ConfigError, DataError
 from harness.core.hashing import content_hash
 from harness.store.logs import RecordLog, by_row
 from harness.store.records import GenerationRecord, JudgmentRecord
+from harness.tasks import kinds
 
 BASELINE_VERSION = 1
 #: Verdicts that fail the gate (exit code 1).
@@ -113,7 +114,7 @@ def rows_from_run(run_dir: Path) -> tuple[list[Row], dict[str, Any]]:
     judgments, prompts = _judgments(run_dir), _prompts(run_dir)
     rows = []
     for r in summary_rows:
-        if r.get("role") == "reference" or r.get("kind", "head_to_head") != "head_to_head":
+        if r.get("role") == "reference" or not kinds.get(r.get("kind", "head_to_head")).leaderboard:
             continue
         where = (r["task"], r["model"])
         outcomes = {i: j.preference for i, j in sorted(judgments.get(where, {}).items())}

@@ -46,7 +46,7 @@ def validity_line(v: dict[str, Any] | None, judge: str) -> str:
 def format_table(summary: list[dict]) -> str:
     """The short tables printed after a run: head-to-head rows, then one line per other task
     and variant; undefined values print as "–"."""
-    h2h = [r for r in summary if r.get("kind", "head_to_head") == "head_to_head"]
+    h2h = [r for r in summary if kinds.get(r.get("kind", "head_to_head")).leaderboard]
     lines = []
     if h2h:
         header = f"{'task':<16} {'variant':<34} {'n':>4} {'win rate':>15} {'LC':>6} " \
@@ -64,7 +64,7 @@ def format_table(summary: list[dict]) -> str:
     lines += [w for r in h2h if (w := cap_warning(r))]
     task = None
     for r in summary:
-        if r.get("kind", "head_to_head") == "head_to_head":
+        if kinds.get(r.get("kind", "head_to_head")).leaderboard:
             continue
         if r["task"] != task:
             task = r["task"]

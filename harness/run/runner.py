@@ -482,7 +482,7 @@ def ranking_items(specs: Sequence[ModelSpec], tasks: Sequence[Task],
                   keep: Callable[[str], bool] | None = None) -> dict[str, list[Any]]:
     """Each ranking task's items (seeded; tuned variants' training pairs excluded), only those
     whose instruction `keep` accepts when given (a shard)."""
-    ranking = [t for t in tasks if t.kind == "ranking"]
+    ranking = [t for t in tasks if kinds.get(t.kind).scored]
     if not ranking:
         return {}
     exclude = tuning_pairs(specs)
@@ -514,7 +514,7 @@ def score_all(specs: Sequence[ModelSpec], tasks: Sequence[Task], store: Store,
     Returns {task: {"items": [...], "scores": {variant: [[mean logprob per candidate]]}}}.
     """
 
-    ranking = [t for t in tasks if t.kind == "ranking"]
+    ranking = [t for t in tasks if kinds.get(t.kind).scored]
     if not ranking:
         return {}, 0
     prepared = ranking_items(specs, ranking, keep)

@@ -25,6 +25,7 @@ from harness.core.configs import project_dir
 from harness.core.errors import ConfigError, HarnessError
 from harness.core.hashing import content_hash
 from harness.run.analyse import analyse_tasks
+from harness.tasks import kinds
 from harness.tasks.spec import Task
 
 if TYPE_CHECKING:
@@ -113,7 +114,7 @@ def analyse_slice(specs: Sequence[ModelSpec], reference: ModelSpec, tasks: Seque
     rows: list[dict[str, Any]] = []
     tables: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for task in tasks:
-        empty = not scores.get(task.name, {}).get("items") if task.kind == "ranking" \
+        empty = not scores.get(task.name, {}).get("items") if kinds.get(task.kind).scored \
             else not task.instructions
         if empty:
             print(f"task {task.name}: no samples in this part; nothing to analyse",
