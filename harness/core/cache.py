@@ -132,4 +132,4 @@ def shared_data_dir() -> Path:
         candidate = base.parent / "shared" / "data"
         if candidate.is_dir():
             return candidate
-    return PROJECT_ROOT.parent / "shared" / "data"
+    return harness.PROJECT_ROOT.parent / "shared" / "data"

@@ -1,7 +1,8 @@
 """Our registered variants behind lm-eval's model interface (`lm_eval.api.model.LM`).
 
 `HarnessLM` answers lm-eval ``loglikelihood`` requests for one variant: the context is encoded
-exactly as generation encodes a prompt (`harness.generate.transformers.encode_prompt`), the continuation is
+exactly as generation encodes a prompt (`harness.generate.backends.encode_prompt`), the
+continuation is
 tokenized on its own (no special tokens) and appended, and one right-padded forward pass per
 batch scores every continuation token. `make_lm` also builds lm-eval's own `HFLM` for a variant
 without rules, so a task written against the `LM` interface runs on any model lm-eval loads; and
@@ -71,7 +72,7 @@ def rule_score_matrix(
 ) -> torch.Tensor:
     """Rule scores r_t for every continuation position t at once: [len(continuation), vocab].
 
-    Row t equals `harness.generate.rules.rule_scores(..., response_ids=continuation[:t], prompt_ids)`:
+    Row t equals `rules.rule_scores(..., response_ids=continuation[:t], prompt_ids)`:
     the uniform shifts are static, the EOS bonus depends only on t, and the diversity penalty
     applies to a token from the step after its first use in the continuation (from step 0 for a
     prompt token when the scope is "prompt+response").
@@ -129,8 +130,8 @@ def _accepts_logits_to_keep(model: Any) -> bool:
 
 
 class HarnessLM(LM):
-    """One loaded variant (`harness.generate.transformers.load_model`; rules applied when it has them) as
-    an lm-eval LM."""
+    """One loaded variant (`harness.generate.transformers.load_model`; rules applied when it
+    has them) as an lm-eval LM."""
 
     def __init__(self, loaded: LoadedModel, batch_size: int = 8,
                  siblings: Sequence[ModelSpec] = (), memo: dict | None = None) -> None:
@@ -178,9 +179,10 @@ class HarnessLM(LM):
             "backend 'hf' (lm-eval's HFLM) on a variant without rules")
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = True) -> list[str]:
-        """Not supported: generate with `python -m harness run` (harness.generate.transformers) instead."""
+        """Not supported: generate with `python -m harness run` instead."""
         raise NotImplementedError(
-            "HarnessLM implements loglikelihood only; generation goes through harness.generate.transformers "
+            "HarnessLM implements loglikelihood only; generation goes through "
+            "harness.generate.transformers "
             "(python -m harness run), or use backend 'hf' for lm-eval's generate_until")
 
     # encoding and scoring ---------------------------------------------------------------

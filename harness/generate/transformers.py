@@ -150,9 +150,9 @@ def generate(loaded: LoadedModel, prompts: Sequence[str],
              ) -> Iterator[tuple[int, Generation]]:
     """Yield (index, Generation) for each prompt as it ends, batch_size rows running at a time.
 
-    Rows run through the slot decoder (`harness.generate.slot_decoding`): a row leaves the batch the step
-    it ends and the next prompt takes its place. Models whose cache it cannot slice go through
-    ``model.generate`` in batches. force_length suppresses EOS until max_new_tokens (for
+    Rows run through the slot decoder (`harness.generate.slot_decoding`): a row leaves the
+    batch the step it ends and the next prompt takes its place. Models whose cache it cannot
+    slice go through ``model.generate`` in batches. force_length suppresses EOS until max_new_tokens (for
     benchmarks that need equal lengths); on_progress(responses) hears, at every decoding step,
     how far the unfinished work has got.
     """
@@ -311,7 +311,7 @@ class TransformersBackend:
         kernel = kernels.choose(spec.dtype)
         if kernel != kernels.PLAIN:  # the plain kernel keeps the keys made before kernels existed
             extra["kernel"] = kernel
-        if slot_decoding.shares_prefixes():  # rounding may differ; off keeps the keys made before it
+        if slot_decoding.shares_prefixes():  # rounding may differ; off keeps the old keys
             extra["decoder"] = slot_decoding.SHARED_PREFIX
         return local_output_identity(spec, prints, extra)
 

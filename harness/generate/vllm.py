@@ -3,14 +3,14 @@
 `pip install 'harness[vllm]'`; vLLM is imported only when a vllm variant generates, never on a
 CPU-only path. The engine is `vllm.LLM(model=<the variant's weights folder>, dtype,
 tensor_parallel_size, gpu_memory_utilization, max_model_len)`, fed the same token ids the
-transformers backend feeds `generate` (harness.generate.transformers.encode_prompt) with the same EOS ids
-as stop tokens, and its outputs are decoded with the harness's tokenizer, so greedy outputs match
-the transformers backend up to floating-point ties.
+transformers backend feeds `generate` (harness.generate.backends.encode_prompt) with the same
+EOS ids as stop tokens, and its outputs are decoded with the harness's tokenizer, so greedy
+outputs match the transformers backend up to floating-point ties.
 
-The rules variant (harness.generate.rules) runs as a vLLM v1 logits processor with the transformers
-backend's semantics: `harness.generate.vllm_rules.RulesAdapter` (an `AdapterLogitsProcessor`, registered
-with `LLM(logits_processors=[...])`) builds, for a request whose `SamplingParams.extra_args` hold
-the rules, a per-request processor `RulesRequestProcessor(prompt_ids, output_ids, logits)` that
+The rules variant (harness.generate.rules) runs as a vLLM v1 logits processor with the
+transformers backend's semantics: `harness.generate.vllm_rules.RulesAdapter` (an `AdapterLogitsProcessor`,
+registered with `LLM(logits_processors=[...])`) builds, for a request whose
+`SamplingParams.extra_args` hold the rules, a per-request processor `RulesRequestProcessor(prompt_ids, output_ids, logits)` that
 returns log_softmax(log_softmax(logits) + log_softmax(r)) with r the rule scores after
 len(output_ids) response tokens (EOS ramp, uniform token changes, diversity penalty on tokens
 already in the response, or in the prompt and the response). The processor itself needs only

@@ -535,7 +535,8 @@ def score_all(specs: Sequence[ModelSpec], tasks: Sequence[Task], store: Store,
                 labels = {"task": task.name, "model": spec.name,
                           "instruction_id": f"{item.id}#{cand}"}
                 wanted.append(Wanted((task.name, spec.name, labels["instruction_id"]),
-                                     score_key(identities[spec.name], backends.scoring_backend(spec),
+                                     score_key(identities[spec.name],
+                                               backends.scoring_backend(spec),
                                                context, continuation),
                                      labels, (context, continuation)))
 
@@ -552,7 +553,8 @@ def score_all(specs: Sequence[ModelSpec], tasks: Sequence[Task], store: Store,
                                                       add_special_tokens=False)["input_ids"])
                     yield start + j, ScoreRecord(key=w.key, **w.labels, logprob=float(logprob),
                                                  n_tokens=n_tok, is_greedy=bool(greedy),
-                                                 backend=backends.scoring_backend(spec), created=_now())
+                                                 backend=backends.scoring_backend(spec),
+                                                 created=_now())
 
         got, n = fill(store, wanted, compute, f"score {spec.name}")
         made += n
@@ -589,7 +591,8 @@ def run(config: RunConfig) -> RunResult:
     tokenizers = {}
     for s in specs:
         key = tokenizer_source(s)
-        tokenizers[s.name] = by_source.get(key) or by_source.setdefault(key, backends.load_tokenizer(s))
+        tokenizers[s.name] = (by_source.get(key)
+                              or by_source.setdefault(key, backends.load_tokenizer(s)))
     identities = model_identities(specs, tokenizers)
     resolved = {
         "harness_version": __version__,

@@ -177,7 +177,8 @@ def rank(spec: Any, tokenizer: Any, items: Sequence[RankItem], batch_size: int =
 
     The mean divides the continuation's summed log-probability by its number of tokens
     (tokenizer, no special tokens). backend "hf" scores with lm-eval's HFLM instead of
-    HarnessLM, correcting for HFLM's trailing-whitespace move (see `hf_whitespace` in harness.generate.lm_eval).
+    HarnessLM, correcting for HFLM's trailing-whitespace move (see
+    harness.generate.lm_eval.hf_whitespace).
     """
     from harness.generate.lm_eval import hf_whitespace, loglikelihoods, make_lm  # torch
 
