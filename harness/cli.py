@@ -28,7 +28,7 @@ from harness.store.logs import RecordLog, os_error
 from harness.store.records import GenerationRecord, to_dict
 from harness.tasks.kinds import available_tasks
 from harness.tasks.protocol import fmt
-from harness.train.tuning import TuneInterrupted, tunable, tune_variant
+from harness.train import tuning
 
 
 class _Parser(argparse.ArgumentParser):
@@ -359,10 +359,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def _cmd_tune(args: argparse.Namespace) -> int:
     registry = load_registry(Path(args.registry) if args.registry else None)
-    for spec in tunable(registry, args.names):
+    for spec in tuning.tunable(registry, args.names):
         try:
-            result = tune_variant(spec, device=args.device)
-        except TuneInterrupted as e:
+            result = tuning.tune_variant(spec, device=args.device)
+        except tuning.TuneInterrupted as e:
             print(e, file=sys.stderr)  # "interrupted at step k of n; ...; resume with: ..."
             return e.exit_code
         info = result.info
