@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from harness.generate import backends  # noqa: E402
 from harness.models.backend_config import BackendOptions  # noqa: E402
-from harness.models.registry import load_registry
+from harness.models.registry import load_registry  # noqa: E402
 from harness.models.spec import DecodingSpec, ModelSpec  # noqa: E402
 
 

@@ -23,6 +23,7 @@ from harness.models.builds import build_status
 from harness.models.registry import load_registry
 from harness.report import html as rp
 from harness.report.text import format_table, validity_line
+from harness.run import build_check
 from harness.run.shards import parse_shard
 from harness.store.logs import RecordLog, os_error
 from harness.store.records import GenerationRecord, to_dict
@@ -361,18 +362,28 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     registry = load_registry(Path(args.registry) if args.registry else None)
     for spec in tuning.tunable(registry, args.names):
         try:
-            result = tuning.tune_variant(spec, device=args.device)
+            result = tuning.tune_variant(spec, device=args.device, measure=(
+                build_check.in_training(spec) if args.curve else None))
         except tuning.TuneInterrupted as e:
             print(e, file=sys.stderr)  # "interrupted at step k of n; ...; resume with: ..."
             return e.exit_code
         info = result.info
         if not result.trained:
             print(f"{spec.name}: already built: {result.path}")
+        else:
+            val = info.get("validation_loss")
+            print(f"{spec.name}: built {result.path} ({info['steps']} steps, final loss "
+                  f"{fmt(info['final_loss'], '.4f')}"
+                  + (f", validation loss {val:.4f}" if val is not None else "")
+                  + f", {info['tokens_trained']} tokens in {info['seconds']:.0f} s on "
+                  f"{info['device']}, {fmt(info['tokens_per_second'])} tokens/s)")
+        if args.no_check:
             continue
-        print(f"{spec.name}: built {result.path} ({info['steps']} steps, final loss "
-              f"{fmt(info['final_loss'], '.4f')}, {info['tokens_trained']} tokens in "
-              f"{info['seconds']:.0f} s on {info['device']}, "
-              f"{fmt(info['tokens_per_second'])} tokens/s)")
+        check = info.get("check")
+        if check is None or check.get("version") != build_check.CHECK_VERSION:
+            check = build_check.check_build(spec)
+        for line in build_check.check_lines(spec.name, check):
+            print(line)
     return 0
 
 
@@ -556,8 +567,16 @@ def build_parser() -> argparse.ArgumentParser:
         "tune", help="build tuned variants (instruction-, response-, poetry-tuned)",
         description="Train each named variant's [tune] recipe (models.toml) from its base "
                     "weights and store it in the cache, keyed by the recipe and its data. An "
-                    "interrupted build resumes from its last checkpoint; a built one is kept.")
+                    "interrupted build resumes from its last checkpoint; a built one is kept. "
+                    "Each build is then checked: greedy outputs for a few held-out "
+                    "instructions, with their EOS, loop and verse shares and two samples.")
     p.add_argument("names", help="a tuned variant, a comma-separated list, or 'all'")
+    p.add_argument("--curve", action="store_true",
+                   help="also run the check (greedy outputs, EOS, loop and verse shares) before "
+                        "training and after each epoch; every output goes into the curve of "
+                        "the build record")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip the post-build check (greedy outputs on held-out instructions)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where to train (default: cuda when available); on cuda the recipe's "
                         "gpu settings apply")

@@ -20,6 +20,7 @@ from harness.generate.backends import output_identity
 from harness.models.builds import build_dir, data_hash, find_build, tuned_root, weights_identity
 from harness.models.recipes import TUNED_MARKER, parse_tune
 from harness.models.registry import load_registry, select_models
+from harness.train.tuning import tunable
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -141,6 +142,72 @@ def test_a_shortened_response_ends_at_a_sentence_and_keeps_its_eos(tuned):
     (cut,), _ = encode_pairs(spec, tok, pair, max_len=120, eos=tok.eos_token_id,
                              truncation="cut")
     assert len(cut["input_ids"]) == 120 and cut["input_ids"][-1] != tok.eos_token_id
+
+
+def test_a_response_cap_shortens_long_responses_to_end_within_it(tuned):
+    """max_response_tokens: every response ends within the cap, at a sentence end, on EOS;
+    responses that fit are untouched."""
+    from transformers import AutoTokenizer
+
+    from harness.train.tuning import encode_pairs
+
+    spec = _spec(tuned["registry"]())
+    tok = AutoTokenizer.from_pretrained(spec.path)
+    long = " ".join(f"Sentence number {i} says something plain." for i in range(60))
+    pairs = [("Say many things.", long), PAIRS[3]]
+    (ex, short), stats = encode_pairs(spec, tok, pairs, max_len=1000, eos=tok.eos_token_id,
+                                      max_response=40)
+    assert stats["truncated"] == 1
+    assert len(ex["input_ids"]) - ex["prompt_len"] <= 41 and ex["input_ids"][-1] == tok.eos_token_id
+    assert tok.decode(ex["input_ids"][ex["prompt_len"]:-1]).endswith("plain.")
+    assert tok.decode(short["input_ids"][short["prompt_len"]:-1]) == PAIRS[3][1]
+
+
+@pytest.mark.parametrize("chunk", [4096, 7])
+def test_the_response_only_loss_equals_the_models_own_and_so_do_its_gradients(tuned, chunk):
+    """The output layer runs only on labelled positions (in chunks when many): the loss and
+    the gradients equal those of the model's full-logit loss."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from harness.train.tuning import ResponseOnlyCollator, encode_pairs, response_loss_sum
+
+    spec = _spec(tuned["registry"]())
+    tok = AutoTokenizer.from_pretrained(spec.path)
+    model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=torch.float32)
+    examples, _ = encode_pairs(spec, tok, PAIRS, max_len=64, eos=tok.eos_token_id)
+    batch = ResponseOnlyCollator(tok.pad_token_id)(examples)
+    reference = model(**batch).loss
+    reference.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    total, n = response_loss_sum(model, batch, chunk=chunk)
+    (total / n).backward()
+    assert n == int((batch["labels"][:, 1:] != -100).sum())
+    assert abs(float((total / n).detach()) - float(reference.detach())) < 1e-5
+    for k, p in model.named_parameters():
+        assert torch.allclose(p.grad, grads[k], atol=1e-6), k
+
+
+def test_the_validation_curve_is_measured_on_held_out_pairs_and_recorded(tuned, capsys):
+    """validation = N: N pairs outside the training subsample; their loss before training and
+    after each epoch goes into the build record (and is printed)."""
+    from harness.data.tune_data import load_pairs, validation_pairs
+
+    _write_data(tuned["data"], PAIRS + [(i + " Briefly.", r) for i, r in PAIRS], repeat=1)
+    registry = tuned["registry"](steps=0)
+    text = registry.read_text().replace("max_steps = 0", "epochs = 2\nvalidation = 2")
+    text = text.replace("n = 10, seed = 0", "n = 8, seed = 0")  # 4 of the 12 left out
+    registry.write_text(text)
+    spec = _spec(registry)
+    held = validation_pairs(spec.tune.data, 2)
+    assert len(held) == 2 and not set(held) & set(load_pairs(spec.tune.data))
+    assert main(["tune", "tiny-tuned", "--registry", str(registry)]) == 0
+    info = json.loads((find_build(spec) / TUNED_MARKER).read_text())
+    assert [p["epoch"] for p in info["curve"]] == [0, 1, 2]
+    assert info["validation_loss"] == info["curve"][-1]["validation_loss"]
+    assert info["validation_pairs"] == 2
+    assert "validation loss" in capsys.readouterr().err
 
 
 def _response_loss(model_dir: str, spec) -> float:
@@ -436,16 +503,83 @@ def test_poetry_pairs_are_deterministic_and_never_held_out_poems():
 def test_default_recipes_parse_and_stay_out_of_all_until_built(tmp_path, monkeypatch):
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path))
     registry = load_registry()
-    tuned = {n: s for n, s in registry.items() if s.tune is not None}
+    tuned = {n: s for n, s in registry.items() if s.tune is not None and s.rules is None}
     assert set(tuned) == {"gemma3-270m+instruction-tuned", "gemma3-270m+response-tuned",
                           "gemma3-270m+poetry-tuned"}
+    for name, spec in tuned.items():  # each with the rules: the same build, decoded with rules
+        with_rules = registry[f"{name}+rules"]
+        assert with_rules.rules is not None and with_rules.tune == spec.tune
+        assert build_dir(with_rules, False) == build_dir(spec, False)
+    assert [s.name for s in tunable(registry, "all")] == list(tuned)  # each build once
     for spec in tuned.values():
         assert spec.source == "pypi" and spec.prompt_format == "plain"
         assert spec.tune.method == "lora" and spec.tune.effective(True).dtype == "bfloat16"
         eff = spec.tune.effective(False)
         assert eff.batch_size * eff.grad_accum == 8 and eff.max_seq_length == 256
+        assert eff.validation > 0 and eff.max_response_tokens > 0
     kinds = {s.tune.data.kind for s in tuned.values()}
     assert kinds == {"lima", "lima_responses", "poetry"}
-    assert not set(tuned) & {s.name for s in select_models(registry, "all")}
+    assert not {s.name for s in select_models(registry, "all") if s.tune is not None}
     assert {s.name for s in select_models(registry, "all")} == {
         s.name for s in registry.values() if s.enabled and s.tune is None}
+
+
+# ----------------------------------------------------------------- (e) the post-build check
+
+
+def test_tune_ends_with_a_check_on_held_out_instructions_kept_in_the_build_record(tuned,
+                                                                                  capsys):
+    from harness.run.build_check import N_GENERAL, check_instructions
+
+    registry = tuned["registry"]()
+    assert main(["tune", "tiny-tuned", "--registry", str(registry)]) == 0
+    out = capsys.readouterr().out
+    assert f"tiny-tuned: check on {N_GENERAL} held-out instructions" in out
+    assert out.count(" -> ") == 2  # two samples
+    info = json.loads((find_build(_spec(registry)) / TUNED_MARKER).read_text())
+    check = info["check"]
+    assert check["n"] == N_GENERAL and len(check["samples"]) == 2
+    assert 0 <= check["eos_share"] <= 1 and 0 <= check["loop_share"] <= 1
+    asked = [x for _, x in check_instructions(_spec(registry))]
+    assert [s["instruction"] for s in check["samples"]] == asked[:2]
+    # run again: already built, the stored check is printed without generating again
+    assert main(["tune", "tiny-tuned", "--registry", str(registry)]) == 0
+    assert "already built" in (again := capsys.readouterr().out) and "check on" in again
+    assert main(["tune", "tiny-tuned", "--registry", str(registry), "--no-check"]) == 0
+    assert "check on" not in capsys.readouterr().out
+
+
+def test_the_check_warns_in_one_line_when_most_outputs_loop_and_counts_verse_per_group():
+    from harness.run.build_check import check_lines, summarise
+
+    loop = "The first morning frost in a city park\n" * 12
+    poem = ("The sea is calm tonight.\nThe tide is full, the moon lies fair\n"
+            "Upon the straits; on the French coast the light\nGleams and is gone; the cliffs "
+            "of England stand,\nGlimmering and vast, out in the tranquil bay.\n")
+    prose = "Tiramisu is an Italian dessert made of coffee-soaked ladyfingers and mascarpone."
+    items = [("general", "a"), ("general", "b"), ("general", "c"), ("poetry", "d"),
+             ("poetry", "e")]
+    check = summarise(items, [loop, loop, prose, poem, loop], ["length", "length", "eos",
+                                                              "eos", "length"])
+    assert check["eos_share"] == 0.4 and check["loop_share"] == 0.6
+    assert check["groups"]["general"]["verse_share"] == 0
+    assert check["groups"]["poetry"]["verse_share"] == 0.5
+    lines = check_lines("x", check)
+    assert "verse 50% of poem requests and 0% of other instructions" in lines[0]
+    assert lines[-1].startswith("warning: x loops on 60%")
+    calm = summarise(items[2:4], [prose, poem], ["eos", "eos"])
+    assert not any(line.startswith("warning") for line in check_lines("x", calm))
+
+
+def test_tune_curve_records_the_check_before_training_and_after_each_epoch(tuned, capsys):
+    from harness.run.build_check import N_GENERAL
+
+    registry = tuned["registry"](steps=0)
+    registry.write_text(registry.read_text().replace("max_steps = 0", "epochs = 2"))
+    assert main(["tune", "tiny-tuned", "--registry", str(registry), "--curve"]) == 0
+    info = json.loads((find_build(_spec(registry)) / TUNED_MARKER).read_text())
+    assert [p["epoch"] for p in info["curve"]] == [0, 1, 2]
+    for point in info["curve"]:
+        assert len(point["samples"]) == N_GENERAL and 0 <= point["eos_share"] <= 1
+        assert point["validation_loss"] is None  # no validation pairs in this recipe
+    assert capsys.readouterr().err.count("check: EOS") == 3

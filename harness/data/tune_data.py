@@ -293,8 +293,8 @@ def subsample(pairs: list[Pair], n: int | None, seed: int) -> list[Pair]:
     return [pairs[i] for i in keep]
 
 
-def load_pairs(data: Any) -> list[Pair]:
-    """The (instruction, response) pairs a DataSpec names, subsampled by its seed."""
+def _all_pairs(data: Any) -> list[Pair]:
+    """Every (instruction, response) pair a DataSpec's source holds, before subsampling."""
     if data.kind == "poetry":
         pairs = [(p.instruction, p.text) for p in poetry_train()]
     else:
@@ -306,7 +306,27 @@ def load_pairs(data: Any) -> list[Pair]:
     pairs = [(i, r) for i, r in pairs if r.strip()]
     if not pairs:
         raise DataError(f"training data for '{data.kind}' holds no pairs with a response")
-    return subsample(pairs, data.n, data.seed)
+    return pairs
+
+
+def load_pairs(data: Any) -> list[Pair]:
+    """The (instruction, response) pairs a DataSpec names, subsampled by its seed."""
+    return subsample(_all_pairs(data), data.n, data.seed)
+
+
+def validation_pairs(data: Any, n: int) -> list[Pair]:
+    """n pairs of the same source that training never sees (drawn by the data seed from the
+    pairs the subsample left out), for a validation loss; an empty list when n is 0."""
+    if n <= 0:
+        return []
+    pairs = _all_pairs(data)
+    train = set(load_pairs(data))
+    rest = [p for p in pairs if p not in train]
+    if len(rest) < n:
+        raise ConfigError(f"validation = {n}: only {len(rest)} pairs of '{data.kind}' are left "
+                          f"outside the {len(pairs) - len(rest)} trained on; lower data.n or "
+                          f"validation")
+    return subsample(rest, n, data.seed + 1)
 
 
 def source_signature(data: Any) -> tuple:

@@ -152,9 +152,9 @@ def generate(loaded: LoadedModel, prompts: Sequence[str],
 
     Rows run through the slot decoder (`harness.generate.slot_decoding`): a row leaves the
     batch the step it ends and the next prompt takes its place. Models whose cache it cannot
-    slice go through ``model.generate`` in batches. force_length suppresses EOS until max_new_tokens (for
-    benchmarks that need equal lengths); on_progress(responses) hears, at every decoding step,
-    how far the unfinished work has got.
+    slice go through ``model.generate`` in batches. force_length suppresses EOS until
+    max_new_tokens (for benchmarks that need equal lengths); on_progress(responses) hears, at
+    every decoding step, how far the unfinished work has got.
     """
     encoded = [_encode(loaded, p) for p in prompts]
     if not slot_decoding.supported(loaded.model):

@@ -8,9 +8,10 @@ EOS ids as stop tokens, and its outputs are decoded with the harness's tokenizer
 outputs match the transformers backend up to floating-point ties.
 
 The rules variant (harness.generate.rules) runs as a vLLM v1 logits processor with the
-transformers backend's semantics: `harness.generate.vllm_rules.RulesAdapter` (an `AdapterLogitsProcessor`,
-registered with `LLM(logits_processors=[...])`) builds, for a request whose
-`SamplingParams.extra_args` hold the rules, a per-request processor `RulesRequestProcessor(prompt_ids, output_ids, logits)` that
+transformers backend's semantics: `harness.generate.vllm_rules.RulesAdapter` (an
+`AdapterLogitsProcessor`, registered with `LLM(logits_processors=[...])`) builds, for a request
+whose `SamplingParams.extra_args` hold the rules, a per-request processor
+`RulesRequestProcessor(prompt_ids, output_ids, logits)` that
 returns log_softmax(log_softmax(logits) + log_softmax(r)) with r the rule scores after
 len(output_ids) response tokens (EOS ramp, uniform token changes, diversity penalty on tokens
 already in the response, or in the prompt and the response). The processor itself needs only

@@ -21,7 +21,7 @@ from harness.core.hashing import content_hash
 from harness.data.tune_data import DataSpec, parse_data
 
 #: Bumped when training changes what a recipe produces (tokenisation, masking, saving).
-TUNE_VERSION = 2
+TUNE_VERSION = 3
 #: Written into a finished build; its presence means "built".
 TUNED_MARKER = "harness-tuned.json"
 METHODS = ("full", "lora")
@@ -32,8 +32,9 @@ TRUNCATIONS = ("boundary", "cut")
 SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
 TRAIN_DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-#: Settings that do not change the trained weights (left out of the recipe hash).
-NOT_IN_KEY = ("save_steps",)
+#: Settings that do not change the trained weights (left out of the recipe hash): checkpoint
+#: spacing, and how many held-out pairs measure the validation loss after each epoch.
+NOT_IN_KEY = ("save_steps", "validation")
 
 
 @dataclass(frozen=True)
@@ -55,10 +56,17 @@ class TuneSpec:
     batch_size: int = 4
     grad_accum: int = 1
     max_seq_length: int = 256
+    #: Responses longer than this many tokens are shortened as `truncation` says (0: only
+    #: max_seq_length applies); it lets a recipe teach responses that end within the
+    #: evaluation's token cap.
+    max_response_tokens: int = 0
     truncation: str = "boundary"
     seed: int = 0
     dtype: str = "float32"
     save_steps: int = 20
+    #: Held-out pairs of the same source (never trained on) whose loss is measured before
+    #: training and after each epoch: the build record's validation curve (0: none).
+    validation: int = 0
     gpu: tuple[tuple[str, Any], ...] = field(default=())
 
     def effective(self, on_gpu: bool) -> TuneSpec:
@@ -86,14 +94,14 @@ class TuneSpec:
 # ---------------------------------------------------------------------------------- parsing
 
 _INTS = {"lora_r": 1, "max_steps": 0, "batch_size": 1, "grad_accum": 1, "max_seq_length": 8,
-         "seed": None, "save_steps": 1}
+         "max_response_tokens": 0, "seed": None, "save_steps": 1, "validation": 0}
 _NUMBERS = ("lora_alpha", "lora_dropout", "learning_rate", "warmup_ratio", "weight_decay",
             "epochs")
 _CHOICES = {"method": METHODS, "schedule": SCHEDULES, "dtype": TRAIN_DTYPES,
             "truncation": TRUNCATIONS}
 #: Settings a [tune.gpu] table may override (device-dependent: precision, batch shape, ...).
 GPU_KEYS = tuple(sorted((set(_INTS) | set(_NUMBERS) | set(_CHOICES) | {"target_modules"})
-                        - {"seed", "truncation"}))
+                        - {"seed", "truncation", "max_response_tokens", "validation"}))
 def _check_settings(table: dict[str, Any], where: str) -> dict[str, Any]:
     """Type- and range-check recipe settings; returns them ready for TuneSpec."""
     out = dict(table)

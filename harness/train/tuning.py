@@ -21,14 +21,14 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from harness.core.errors import ConfigError, HarnessError
-from harness.data.tune_data import Pair, load_pairs, pairs_hash
+from harness.data.tune_data import Pair, load_pairs, pairs_hash, validation_pairs
 from harness.generate.backends import model_eos_ids
 from harness.generate.backends import template_prompt as format_prompt
 from harness.models.builds import (
@@ -43,6 +43,9 @@ from harness.models.recipes import TUNED_MARKER, TuneSpec
 from harness.models.registry import named
 from harness.models.spec import ModelSpec
 from harness.models.weights import resolve_model_dir
+
+#: Measures a model in training (eval mode): (figures for the curve, one line of text).
+Measure = Callable[[Any], tuple[dict[str, Any], str]]
 
 
 class TuneInterrupted(HarnessError):
@@ -95,15 +98,16 @@ def shorten_response(tokenizer: Any, response: str, budget: int) -> list[int] | 
 
 
 def encode_pairs(spec: ModelSpec, tokenizer: Any, pairs: Sequence[Pair], max_len: int,
-                 eos: int, truncation: str = "boundary"
+                 eos: int, truncation: str = "boundary", max_response: int = 0
                  ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Each pair as {"input_ids", "prompt_len"}: the prompt exactly as the variant is prompted
     at evaluation (format_prompt, encoded as generation encodes it), then the response and EOS.
 
-    A sequence longer than max_len keeps its prompt; with truncation "boundary" its response
-    ends at the last paragraph or sentence end that fits and keeps its EOS (falling back to a
-    plain cut with EOS), with "cut" it loses its tail and its EOS. A pair whose prompt alone
-    leaves no room for 8 response tokens is skipped.
+    A sequence longer than max_len, or a response longer than max_response tokens (when it is
+    positive), keeps its prompt; with truncation "boundary" its response ends at the last
+    paragraph or sentence end that fits and keeps its EOS (falling back to a plain cut with
+    EOS), with "cut" it loses its tail and its EOS. A pair whose prompt alone leaves no room
+    for 8 response tokens is skipped.
     """
     from harness.generate.transformers import encode_prompt
 
@@ -115,11 +119,13 @@ def encode_pairs(spec: ModelSpec, tokenizer: Any, pairs: Sequence[Pair], max_len
             skipped += 1
             continue
         ids = prompt_ids + response_ids
-        if len(ids) > max_len:
+        budget = max_len - len(prompt_ids) - 1
+        if max_response > 0:
+            budget = min(budget, max_response)
+        if len(response_ids) - 1 > budget:
             truncated += 1
-            budget = max_len - len(prompt_ids) - 1
             if truncation == "cut":
-                ids = ids[:max_len]
+                ids = (prompt_ids + response_ids)[:len(prompt_ids) + budget + 1]
             else:
                 short = shorten_response(tokenizer, response, budget)
                 ids = prompt_ids + (short if short is not None else response_ids[:budget]) + [eos]
@@ -152,6 +158,92 @@ class ResponseOnlyCollator:
             mask[row, :len(seq)] = 1
             labels[row, f["prompt_len"]:len(seq)] = seq[f["prompt_len"]:]
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+# ------------------------------------------------------------------------------- the loss
+
+#: Response positions whose logits are computed at once; more go through in chunks, each
+#: recomputed in the backward pass, so the logits (vocabulary x positions) never all coexist.
+LOSS_CHUNK = 2048
+
+
+def response_loss_sum(model: Any, batch: dict[str, Any], chunk: int = LOSS_CHUNK
+                      ) -> tuple[Any, int]:
+    """(summed cross-entropy, number of predicted tokens) over the labelled positions only.
+
+    The decoder runs on the whole batch, but the output layer (the vocabulary: 262k rows for
+    gemma-3) runs only on the hidden states that predict a labelled token, and in chunks of
+    `chunk` positions; prompt and padding positions never reach it. The loss equals the one
+    the model's own forward computes from full logits (tests hold it to that).
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else base.model
+    hidden = decoder(input_ids=batch["input_ids"],
+                     attention_mask=batch["attention_mask"]).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != -100
+    h, t = hidden[:, :-1][keep], targets[keep]
+    cap = getattr(base.config, "final_logit_softcapping", None)
+    head = base.get_output_embeddings()
+
+    def part(hs: Any, ts: Any) -> Any:
+        logits = head(hs).float()
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return F.cross_entropy(logits, ts, reduction="sum")
+
+    n = int(t.numel())
+    if n <= chunk:
+        return part(h, t), n
+    total = h.new_zeros((), dtype=torch.float32)
+    for i in range(0, n, chunk):
+        total = total + checkpoint(part, h[i:i + chunk], t[i:i + chunk], use_reentrant=False)
+    return total, n
+
+
+def _trainer_class() -> Any:
+    """transformers' Trainer with the loss of response_loss_sum, normalised as the Trainer
+    normalises a causal LM's own loss (over the labelled tokens of the accumulated batch)."""
+    from transformers import Trainer
+
+    class ResponseLossTrainer(Trainer):
+        loss_is_scaled_for_ga = True
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            total, n = response_loss_sum(model, inputs)
+            if num_items_in_batch is None:
+                loss = total / max(n, 1) / self.current_gradient_accumulation_steps
+            else:
+                loss = total / num_items_in_batch
+            return (loss, None) if return_outputs else loss
+
+    return ResponseLossTrainer
+
+
+def validation_loss(model: Any, examples: Sequence[dict[str, Any]], pad_id: int,
+                    batch_size: int = 8) -> float:
+    """Mean per-token loss of the model on held-out examples (eval mode, no gradients)."""
+    import torch
+
+    collate = ResponseOnlyCollator(pad_id)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for i in range(0, len(examples), batch_size):
+                batch = {k: v.to(device) for k, v in
+                         collate(examples[i:i + batch_size]).items()}
+                s, n = response_loss_sum(model, batch)
+                total, count = total + float(s), count + n
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)
 
 
 # --------------------------------------------------------------------------- callbacks
@@ -194,6 +286,56 @@ def _callbacks(name: str):
     return LossBar(), StopOnSignal()
 
 
+def _curve_callback(examples: Sequence[dict[str, Any]], pad_id: int, path: Path, log,
+                    measure: Measure | None = None):
+    """Measures the validation loss (and `measure`, when given) before training and after each
+    epoch; the curve is kept in `path` (the work folder) so a resumed build keeps the points
+    measured before."""
+    from transformers import TrainerCallback
+
+    class Curve(TrainerCallback):
+        def __init__(self):
+            self.points = json.loads(path.read_text()) if path.is_file() else []
+
+        def _measure(self, state, model):
+            if any(p["step"] == state.global_step for p in self.points):
+                return
+            losses = [h["loss"] for h in state.log_history if "loss" in h]
+            point = {"epoch": round(state.epoch or 0.0, 3), "step": state.global_step,
+                     "train_loss": losses[-1] if losses else None,
+                     "validation_loss": round(validation_loss(model, examples, pad_id), 4)
+                     if examples else None}
+            line = f"  epoch {point['epoch']:g} (step {point['step']}):"
+            if examples:
+                line += f" validation loss {point['validation_loss']:.4f}"
+            if measure is not None:
+                was_training = model.training
+                model.eval()
+                try:
+                    figures, text = measure(model)
+                finally:
+                    model.train(was_training)
+                point.update(figures)
+                line += f" {text}"
+            self.points.append(point)
+            path.write_text(json.dumps(self.points, indent=1))
+            log(line)
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 0 and model is not None:
+                self._measure(state, model)
+
+        def on_epoch_end(self, args, state, control, model=None, **kwargs):
+            if model is not None:
+                self._measure(state, model)
+
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            if model is not None:  # max_steps or a fractional epoch ends mid-epoch
+                self._measure(state, model)
+
+    return Curve()
+
+
 # ------------------------------------------------------------------------------- training
 
 
@@ -233,7 +375,7 @@ def training_arguments(recipe: TuneSpec, work: Path, on_gpu: bool, n_examples: i
         include_num_input_tokens_seen="non_padding", disable_tqdm=False)
 
 
-def _with_lora(model: Any, recipe: TuneSpec) -> Any:
+def with_lora(model: Any, recipe: TuneSpec) -> Any:
     from peft import LoraConfig, get_peft_model
 
     targets = (list(recipe.target_modules) if isinstance(recipe.target_modules, tuple)
@@ -260,10 +402,12 @@ def _versions() -> dict[str, str]:
 
 
 def tune_variant(spec: ModelSpec, device: str = "auto", callbacks: Sequence[Any] = (),
-                 log=_log) -> TuneResult:
+                 log=_log, measure: Callable[[Any], Measure] | None = None) -> TuneResult:
     """Train a tuned variant's recipe and store the merged model; an existing build is kept.
 
     callbacks: extra transformers TrainerCallbacks (tests use one to interrupt).
+    measure: given the tokenizer, a function measuring the model in training; it runs with the
+    validation loss (before training and after each epoch) and its figures join the curve.
     """
     if spec.tune is None:
         raise ConfigError(f"{spec.name} has no [tune] recipe; only tuned variants can be built")
@@ -272,6 +416,7 @@ def tune_variant(spec: ModelSpec, device: str = "auto", callbacks: Sequence[Any]
     device = _device(device)
     on_gpu = device == "cuda"
     recipe = spec.tune.effective(on_gpu)
+    held_out = validation_pairs(spec.tune.data, recipe.validation)
     out = build_dir(spec, on_gpu, digest)
     existing = find_build(spec)  # the build evaluation uses (either device kind's) is kept
     if existing is not None:
@@ -283,7 +428,6 @@ def tune_variant(spec: ModelSpec, device: str = "auto", callbacks: Sequence[Any]
         AutoModelForCausalLM,
         AutoTokenizer,
         ProgressCallback,
-        Trainer,
         TrainerState,
         set_seed,
     )
@@ -298,22 +442,29 @@ def tune_variant(spec: ModelSpec, device: str = "auto", callbacks: Sequence[Any]
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    examples, stats = encode_pairs(spec, tokenizer, pairs, recipe.max_seq_length,
-                                   eos_id(model, tokenizer), recipe.truncation)
+    eos = eos_id(model, tokenizer)
+    examples, stats = encode_pairs(spec, tokenizer, pairs, recipe.max_seq_length, eos,
+                                   recipe.truncation, recipe.max_response_tokens)
+    val_examples = encode_pairs(spec, tokenizer, held_out, recipe.max_seq_length, eos,
+                                recipe.truncation, recipe.max_response_tokens)[0] \
+        if held_out else []
     if recipe.method == "lora":
         set_seed(recipe.seed)  # LoRA's initial A matrices are random: seeded like training
-        model = _with_lora(model, recipe)
+        model = with_lora(model, recipe)
 
     work = out.with_name(out.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
     (work / "recipe.json").write_text(json.dumps(
         {"name": spec.name, "recipe": recipe.as_dict(), "data_hash": digest}, indent=1))
     bar, stopper = _callbacks(spec.name)
-    trainer = Trainer(model=model, args=training_arguments(recipe, work, on_gpu, len(examples)),
-                      train_dataset=examples, data_collator=ResponseOnlyCollator(
-                          tokenizer.pad_token_id))
+    curve = (_curve_callback(val_examples, tokenizer.pad_token_id, work / "curve.json", log,
+                             measure(tokenizer) if measure else None)
+             if val_examples or measure else None)
+    trainer = _trainer_class()(
+        model=model, args=training_arguments(recipe, work, on_gpu, len(examples)),
+        train_dataset=examples, data_collator=ResponseOnlyCollator(tokenizer.pad_token_id))
     trainer.remove_callback(ProgressCallback)
-    for cb in (bar, stopper, *callbacks):
+    for cb in (bar, stopper, *([curve] if curve else []), *callbacks):
         trainer.add_callback(cb)
     last = get_last_checkpoint(str(work))
     resumed_tokens, finished = 0, False  # tokens/s counts this session only
@@ -364,6 +515,10 @@ def tune_variant(spec: ModelSpec, device: str = "auto", callbacks: Sequence[Any]
         "final_loss": losses[-1] if losses else None,
         "mean_loss_last_5": sum(losses[-5:]) / len(losses[-5:]) if losses else None,
         "train_loss": train_loss, "tokens_trained": trainer.state.num_input_tokens_seen,
+        "validation_pairs": len(val_examples),
+        "curve": curve.points if curve else [],
+        "validation_loss": curve.points[-1]["validation_loss"] if curve and curve.points
+        and val_examples else None,
         "seconds": round(seconds, 1), "resumed_from": Path(last).name if last else None,
         "tokens_per_second": round(session_tokens / seconds, 1) if seconds > 0 else None,
         "device": device, "device_name": torch.cuda.get_device_name(0) if on_gpu else "cpu",
@@ -382,7 +537,12 @@ def tune_variant(spec: ModelSpec, device: str = "auto", callbacks: Sequence[Any]
 def tunable(registry: dict[str, ModelSpec], selection: str) -> list[ModelSpec]:
     """The variants `tune` builds: `all` (every variant with a recipe), or a comma list."""
     if selection.strip() == "all":
-        specs = [s for s in registry.values() if s.tune is not None]
+        specs, seen = [], set()
+        for s in registry.values():  # a variant that only adds rules shares its base's build
+            key = None if s.tune is None else (build_recipe_hash(s, False), s.tune.data)
+            if key is not None and key not in seen:
+                seen.add(key)
+                specs.append(s)
         if not specs:
             raise ConfigError("no variant in the registry has a [tune] recipe")
         return specs
