@@ -1,9 +1,11 @@
 """Build tuned variants: transformers' Trainer on (prompt, response) pairs, loss on responses only.
 
-`tune_variant(spec)` trains a variant's recipe (harness.models.tune_config) on its data
+`tune_variant(spec)` trains a variant's recipe (harness.models.recipes) on its data
 (harness.data.tune_data) starting from its base weights, with LoRA (peft; merged into the weights
 when saved) or a full fine-tune, and stores the result under <cache>/tuned/<recipe>-<data>/ as
-a plain transformers model folder with its tokenizer and a marker (harness-tuned.json).
+a plain transformers model folder with its tokenizer and a marker (harness-tuned.json). The
+output layer runs only where a response token is predicted (response_loss_sum); held-out pairs
+give a validation curve (the loss before training and after each epoch) in the marker.
 
 Checkpoints go to <build>.work/ every `save_steps` optimizer steps; an interrupted build
 resumes from the last one (same data order, RNG states and schedule). Ctrl-C stops at the end
@@ -296,10 +298,12 @@ def _curve_callback(examples: Sequence[dict[str, Any]], pad_id: int, path: Path,
     class Curve(TrainerCallback):
         def __init__(self):
             self.points = json.loads(path.read_text()) if path.is_file() else []
+            self.seconds = 0.0  # spent measuring in this session (not training)
 
         def _measure(self, state, model):
             if any(p["step"] == state.global_step for p in self.points):
                 return
+            t0 = time.time()
             losses = [h["loss"] for h in state.log_history if "loss" in h]
             point = {"epoch": round(state.epoch or 0.0, 3), "step": state.global_step,
                      "train_loss": losses[-1] if losses else None,
@@ -320,6 +324,7 @@ def _curve_callback(examples: Sequence[dict[str, Any]], pad_id: int, path: Path,
             self.points.append(point)
             path.write_text(json.dumps(self.points, indent=1))
             log(line)
+            self.seconds += time.time() - t0
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             if state.global_step == 0 and model is not None:
@@ -475,8 +480,11 @@ def tune_variant(spec: ModelSpec, device: str = "auto", callbacks: Sequence[Any]
         # would run one more step when that checkpoint falls mid-epoch).
         finished = state.get("global_step", 0) >= _update_steps(len(examples), recipe)
     log(f"tune {spec.name}: {stats['examples']} examples ({stats['tokens']} tokens, "
-        f"{stats['response_tokens']} in responses; {stats['truncated']} truncated to "
-        f"{recipe.max_seq_length}), {recipe.method}, {_update_steps(len(examples), recipe)} "
+        f"{stats['response_tokens']} in responses; {stats['truncated']} shortened to fit "
+        f"{recipe.max_seq_length} tokens"
+        + (f" and responses of {recipe.max_response_tokens}" if recipe.max_response_tokens
+           else "")
+        + f"), {recipe.method}, {_update_steps(len(examples), recipe)} "
         f"steps on {device}" + (f"; resuming from {Path(last).name}" if last else ""))
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, stopper.handler) if main_thread else None
@@ -491,7 +499,8 @@ def tune_variant(spec: ModelSpec, device: str = "auto", callbacks: Sequence[Any]
     finally:
         if main_thread:
             signal.signal(signal.SIGINT, previous)
-    seconds = time.time() - t0
+    measuring = curve.seconds if curve else 0.0
+    seconds = time.time() - t0 - measuring
     if stopper.stopped_at is not None:
         raise TuneInterrupted(f"interrupted at step {stopper.stopped_at} of "
                               f"{trainer.state.max_steps}; checkpoint saved in {work}; resume "
@@ -519,7 +528,8 @@ def tune_variant(spec: ModelSpec, device: str = "auto", callbacks: Sequence[Any]
         "curve": curve.points if curve else [],
         "validation_loss": curve.points[-1]["validation_loss"] if curve and curve.points
         and val_examples else None,
-        "seconds": round(seconds, 1), "resumed_from": Path(last).name if last else None,
+        "seconds": round(seconds, 1), "seconds_measuring_curve": round(measuring, 1),
+        "resumed_from": Path(last).name if last else None,
         "tokens_per_second": round(session_tokens / seconds, 1) if seconds > 0 else None,
         "device": device, "device_name": torch.cuda.get_device_name(0) if on_gpu else "cpu",
         "max_memory_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if on_gpu
