@@ -381,7 +381,11 @@ def _cmd_tune(args: argparse.Namespace) -> int:
             continue
         check = info.get("check")
         if check is None or check.get("version") != build_check.CHECK_VERSION:
-            check = build_check.check_build(spec)
+            try:
+                check = build_check.check_build(spec)
+            except HarnessError as e:  # the build stands; only its check could not run
+                print(f"warning: {spec.name}: post-build check skipped: {e}", file=sys.stderr)
+                continue
         for line in build_check.check_lines(spec.name, check):
             print(line)
     return 0

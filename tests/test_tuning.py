@@ -583,3 +583,16 @@ def test_tune_curve_records_the_check_before_training_and_after_each_epoch(tuned
         assert len(point["samples"]) == N_GENERAL and 0 <= point["eos_share"] <= 1
         assert point["validation_loss"] is None  # no validation pairs in this recipe
     assert capsys.readouterr().err.count("check: EOS") == 3
+
+
+def test_a_check_that_cannot_run_is_one_warning_and_the_build_stands(tuned, capsys,
+                                                                      monkeypatch):
+    monkeypatch.setenv("HARNESS_SHARED_DATA", str(tuned["tmp"] / "no-shared-data"))
+    registry = tuned["registry"]()
+    assert main(["tune", "tiny-tuned", "--registry", str(registry)]) == 0
+    captured = capsys.readouterr()
+    assert "tiny-tuned: built" in captured.out
+    warning = [ln for ln in captured.err.splitlines() if ln.startswith("warning:")]
+    assert len(warning) == 1 and "post-build check skipped" in warning[0]
+    assert "Traceback" not in captured.err
+    assert "check" not in json.loads((find_build(_spec(registry)) / TUNED_MARKER).read_text())
