@@ -380,7 +380,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         if args.no_check:
             continue
         check = info.get("check")
-        if check is None or check.get("version") != build_check.CHECK_VERSION:
+        if not build_check.is_current(check, spec):
             try:
                 check = build_check.check_build(spec)
             except HarnessError as e:  # the build stands; only its check could not run

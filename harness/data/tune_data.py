@@ -320,7 +320,7 @@ def validation_pairs(data: Any, n: int) -> list[Pair]:
     if n <= 0:
         return []
     pairs = _all_pairs(data)
-    train = set(load_pairs(data))
+    train = set(subsample(pairs, data.n, data.seed))
     rest = [p for p in pairs if p not in train]
     if len(rest) < n:
         raise ConfigError(f"validation = {n}: only {len(rest)} pairs of '{data.kind}' are left "

@@ -27,8 +27,6 @@ CHECK_VERSION = 1
 N_GENERAL = 12
 N_POETRY = 6
 SEED = 0
-#: The default evaluation cap (models.toml [defaults.decoding] max_new_tokens).
-MAX_NEW_TOKENS = 128
 #: A build whose check outputs loop at least this often is reported as broken in one line.
 LOOPING = 0.5
 SAMPLE_CHARS = 160
@@ -47,7 +45,8 @@ def check_instructions(spec: ModelSpec) -> list[tuple[str, str]]:
 
 
 def summarise(items: Sequence[tuple[str, str]], outputs: Sequence[str],
-              finish_reasons: Sequence[str]) -> dict[str, Any]:
+              finish_reasons: Sequence[str], max_new_tokens: int | None = None
+              ) -> dict[str, Any]:
     """EOS, loop and verse shares, overall and per group, and two general samples."""
     def shares(idx: list[int]) -> dict[str, Any]:
         n = len(idx)
@@ -59,26 +58,33 @@ def summarise(items: Sequence[tuple[str, str]], outputs: Sequence[str],
     groups = sorted({g for g, _ in items})
     every = list(range(len(items)))
     general = [i for i in every if items[i][0] == "general"]
-    return {"version": CHECK_VERSION, "max_new_tokens": MAX_NEW_TOKENS, **shares(every),
+    return {"version": CHECK_VERSION, "max_new_tokens": max_new_tokens, **shares(every),
             "groups": {g: shares([i for i in every if items[i][0] == g]) for g in groups},
             "samples": [{"instruction": items[i][1], "output": outputs[i],
                          "finish_reason": finish_reasons[i]} for i in general[:2]]}
 
 
+def is_current(check: dict[str, Any] | None, spec: ModelSpec) -> bool:
+    """Whether a stored check still says what check_build would: same version and token cap."""
+    return (check is not None and check.get("version") == CHECK_VERSION
+            and check.get("max_new_tokens") == spec.decoding.max_new_tokens)
+
+
 def check_build(spec: ModelSpec, batch_size: int = backends.DEFAULT_BATCH_SIZE
                 ) -> dict[str, Any]:
-    """Generate greedily (the variant's own prompt, MAX_NEW_TOKENS, no rules: the build as
+    """Generate greedily (the variant's own prompt and token cap, no rules: the build as
     trained) from the built weights for the check instructions, and summarise; the figures are
     also written into the build record (which variants adding rules share)."""
     spec = dataclasses.replace(spec, rules=None, decoding=dataclasses.replace(
-        spec.decoding, do_sample=False, max_new_tokens=MAX_NEW_TOKENS))  # the build, as tuned
+        spec.decoding, do_sample=False))  # the build, as tuned
     items = check_instructions(spec)
     tokenizer = backends.load_tokenizer(spec)
     loaded = backends.load_model(spec, tokenizer)
     prompts = [backends.format_prompt(spec, tokenizer, x) for _, x in items]
     gens: dict[int, Any] = dict(backends.generate(loaded, prompts, batch_size))
     check = summarise(items, [gens[i].output for i in range(len(items))],
-                      [gens[i].finish_reason for i in range(len(items))])
+                      [gens[i].finish_reason for i in range(len(items))],
+                      spec.decoding.max_new_tokens)
     marker = require_build(spec) / TUNED_MARKER
     info = json.loads(marker.read_text())
     info["check"] = check
@@ -109,7 +115,8 @@ def in_training(spec: ModelSpec):
             eos = backends.model_eos_ids(model, tokenizer)
             with torch.no_grad():
                 out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
-                                     max_new_tokens=MAX_NEW_TOKENS, eos_token_id=eos,
+                                     max_new_tokens=spec.decoding.max_new_tokens,
+                                     eos_token_id=eos,
                                      pad_token_id=pad)
             texts, reasons = [], []
             for row in out[:, width:].tolist():
@@ -117,7 +124,7 @@ def in_training(spec: ModelSpec):
                 reasons.append("eos" if ends else "length")
                 texts.append(tokenizer.decode(row[:ends[0]] if ends else row,
                                               skip_special_tokens=True))
-            check = summarise(items, texts, reasons)
+            check = summarise(items, texts, reasons, spec.decoding.max_new_tokens)
             line = (f"check: EOS {_pct(check['eos_share'])}, loops "
                     f"{_pct(check['loop_share'])}")
             if "poetry" in check["groups"]:

@@ -549,7 +549,7 @@ def tunable(registry: dict[str, ModelSpec], selection: str) -> list[ModelSpec]:
     if selection.strip() == "all":
         specs, seen = [], set()
         for s in registry.values():  # a variant that only adds rules shares its base's build
-            key = None if s.tune is None else (build_recipe_hash(s, False), s.tune.data)
+            key = None if s.tune is None else build_recipe_hash(s, False)  # data spec in it
             if key is not None and key not in seen:
                 seen.add(key)
                 specs.append(s)
